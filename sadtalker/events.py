@@ -1,0 +1,65 @@
+"""Typed events produced by every engine's ``generate(image, audio, options)``.
+
+The UI, the broadcaster and the headless renderer all consume the same stream.
+Cancelling a generation is simply: stop iterating.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+Quality = Literal["idle", "preview", "final"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A stage started or advanced. ``total`` is 0 when the stage has no countable steps."""
+
+    stage: str  # short machine name: "landmarks", "audio", "motion", "render", "encode", ...
+    done: int
+    total: int
+    message: str = ""  # human-readable, shown in the UI status line
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One video frame. ``rgb`` is (H, W, 3) uint8."""
+
+    index: int
+    time_s: float
+    quality: Quality
+    rgb: np.ndarray
+
+
+class PreviewRenderer(Protocol):
+    """Renders a cheap preview frame of the clip on demand (thread-safe, any order)."""
+
+    num_frames: int
+
+    def render(self, index: int) -> np.ndarray:
+        """(128, 128, 3) uint8 preview of frame ``index``, driven by the final video's motion."""
+        ...
+
+
+@dataclass(frozen=True)
+class MotionReady:
+    """The motion of the whole clip is known; previews can be rendered from now on."""
+
+    num_frames: int
+    fps: float
+    preview: PreviewRenderer
+
+
+@dataclass(frozen=True)
+class Done:
+    """Generation finished. ``video_path`` is None when no output file was requested."""
+
+    video_path: str | None
+    num_frames: int
+    duration_s: float
+    engine: str  # "lite" or "sadtalker"
+
+
+Event = Progress | Frame | MotionReady | Done
