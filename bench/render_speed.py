@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sadtalker.facerender import FaceRenderer, prepare_render_inputs  # noqa: E402
 from sadtalker.keypoints import transform_keypoints  # noqa: E402
+from sadtalker.models.blocks import reference_computation  # noqa: E402
 from sadtalker.models.generator import OcclusionAwareSPADEGenerator  # noqa: E402
 from sadtalker.models.keypoint_detector import KeypointDetector  # noqa: E402
 from sadtalker.models.mapping import MappingNet  # noqa: E402
@@ -61,6 +62,23 @@ def synthetic_inputs(size: int, frames: int, seed: int = 0):
     return prepare_render_inputs(photo, source, generated, preprocess="crop", size=size)
 
 
+def reference_clip(renderer: FaceRenderer, inputs, batch_size: int) -> None:
+    """The official make_animation's work for a clip: keypoints once, then per step of batch_size frames
+    MappingNet + keypoint transformation + the whole generator (source encoding included), plain convolutions."""
+    mapping = renderer.mappings[inputs.channels]
+    device, dtype = renderer.device, renderer.dtype
+    with reference_computation(), torch.inference_mode():
+        image = torch.from_numpy(inputs.source_image)[None].to(device, dtype).repeat(batch_size, 1, 1, 1)
+        kp_canonical = renderer.kp_extractor(image)
+        semantics = torch.from_numpy(inputs.source_semantics())[None].to(device, dtype).repeat(batch_size, 1, 1)
+        kp_source = transform_keypoints(kp_canonical, mapping(semantics))
+        for first in range(0, inputs.num_frames, batch_size):
+            rows = [min(i, inputs.num_frames - 1) for i in range(first, first + batch_size)]
+            windows = torch.from_numpy(np.stack([inputs.driving_window(i) for i in rows])).to(device, dtype)
+            kp_driving = transform_keypoints(kp_canonical, mapping(windows))
+            renderer.generator(image, kp_driving, kp_source)
+
+
 def _median_time(fn, repeats: int, sync) -> float:
     times = []
     for _ in range(repeats):
@@ -82,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part timings")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time the reference computation (the official per-frame work: the whole generator "
+                             "incl. source encoding every frame, plain convolutions), alternating with ours")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -97,7 +118,20 @@ def main(argv: list[str] | None = None) -> None:
             pass
 
     clip()  # warm-up
-    call_s = _median_time(clip, args.repeats, sync)
+    if args.compare:
+        reference = lambda: reference_clip(renderer, inputs, args.batch_size)  # noqa: E731
+        reference()  # warm-up
+        ours_times, reference_times = [], []
+        for _ in range(args.repeats):  # alternate, so both see the same load on a shared machine
+            ours_times.append(_median_time(clip, 1, sync))
+            reference_times.append(_median_time(reference, 1, sync))
+        call_s, reference_s = statistics.median(ours_times), statistics.median(reference_times)
+        print(f"reference_per_frame_s={reference_s / args.frames:.3f}  (official computation, same process, "
+              f"alternating; runs: {', '.join(f'{t / args.frames:.2f}' for t in reference_times)})", flush=True)
+        print(f"speedup={reference_s / call_s:.2f}x  (median reference / median ours; ours per run: "
+              f"{', '.join(f'{t / args.frames:.2f}' for t in ours_times)})", flush=True)
+    else:
+        call_s = _median_time(clip, args.repeats, sync)
     print(f"per_frame_s={call_s / args.frames:.3f}  (clip of {args.frames} frames: {call_s:.2f} s, "
           f"median of {args.repeats} after 1 warm-up)", flush=True)
     if args.no_breakdown:

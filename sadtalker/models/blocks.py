@@ -248,17 +248,22 @@ class AntiAliasDownsample(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 # fast paths (same results within float32 rounding) and caches of tensors derived from weights
 
-_FAST_CONVOLUTIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("fast_convolutions", default=True)
+_FAST_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("fast_paths", default=True)
 
 
 @contextlib.contextmanager
-def reference_convolutions():
-    """Within this block (this thread / context), 'same' convolutions use plain ``F.conv2d`` (for comparisons)."""
-    token = _FAST_CONVOLUTIONS.set(False)
+def reference_computation():
+    """Within this block (this thread / context) the networks compute as the reference code does: plain
+    ``F.conv2d``, each SPADE on its own up-sampled label map. For side-by-side checks and speed comparisons."""
+    token = _FAST_PATHS.set(False)
     try:
         yield
     finally:
-        _FAST_CONVOLUTIONS.reset(token)
+        _FAST_PATHS.reset(token)
+
+
+def fast_paths_enabled() -> bool:
+    return _FAST_PATHS.get()
 
 
 @functools.lru_cache(maxsize=1)
@@ -280,7 +285,7 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k = weight.shape[-1]
     if (k == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.shape[-1] >= 16 and x.shape[-2] >= 16 and not torch.is_grad_enabled()
-            and _FAST_CONVOLUTIONS.get() and _nnpack_ready()):
+            and _FAST_PATHS.get() and _nnpack_ready()):
         if bias is None:
             bias = weight.new_zeros(weight.shape[0])
         weight = weight.contiguous()
@@ -328,10 +333,11 @@ class SpectralNormConv2d(nn.Module):
         super().__init__()
         self.weight_orig = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        fan = in_channels * kernel_size * kernel_size
-        self.register_buffer("weight_u", F.normalize(torch.randn(out_channels), dim=0))
-        self.register_buffer("weight_v", F.normalize(torch.randn(fan), dim=0))
         nn.init.kaiming_uniform_(self.weight_orig, a=5 ** 0.5)
+        # a consistent (u, v) pair, as one power iteration leaves it (real checkpoints overwrite all three)
+        u = F.normalize(torch.randn(out_channels), dim=0)
+        self.register_buffer("weight_u", u)
+        self.register_buffer("weight_v", F.normalize(self.weight_orig.detach().reshape(out_channels, -1).T @ u, dim=0))
         self._derived = DerivedTensors()
 
     def _normalised_weight(self) -> torch.Tensor:
