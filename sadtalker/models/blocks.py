@@ -60,7 +60,7 @@ class DownBlock3d(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
         super().__init__()
-        self.conv = nn.Conv3d(in_features, out_features, kernel_size=kernel_size, padding=padding)
+        self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ class UpBlock3d(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
         super().__init__()
-        self.conv = nn.Conv3d(in_features, out_features, kernel_size=kernel_size, padding=padding)
+        self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,12 +85,12 @@ class SameBlock2d(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1, lrelu: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=padding)
+        self.conv = SameConv2d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
         self.lrelu = lrelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(conv2d_same(x, self.conv.weight, self.conv.bias))
+        x = self.norm(self.conv(x))
         return F.leaky_relu(x, 0.01) if self.lrelu else F.relu(x)
 
 
@@ -99,8 +99,8 @@ class ResBlock3d(nn.Module):
 
     def __init__(self, features: int, kernel_size=3, padding=1):
         super().__init__()
-        self.conv1 = nn.Conv3d(features, features, kernel_size=kernel_size, padding=padding)
-        self.conv2 = nn.Conv3d(features, features, kernel_size=kernel_size, padding=padding)
+        self.conv1 = SameConv3d(features, features, kernel_size=kernel_size)
+        self.conv2 = SameConv3d(features, features, kernel_size=kernel_size)
         self.norm1 = nn.BatchNorm3d(features, affine=True)
         self.norm2 = nn.BatchNorm3d(features, affine=True)
 
@@ -169,7 +169,7 @@ class HourglassDecoder(nn.Module):
             blocks.append(UpBlock3d(in_filters, out_filters))
         self.up_blocks = nn.ModuleList(blocks)
         self.out_filters = block_expansion + in_features
-        self.conv = nn.Conv3d(self.out_filters, self.out_filters, kernel_size=3, padding=1)
+        self.conv = SameConv3d(self.out_filters, self.out_filters, kernel_size=3)
         self.norm = nn.BatchNorm3d(self.out_filters, affine=True)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
@@ -295,6 +295,46 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.conv2d(x, weight, bias, padding=k // 2)
 
 
+# 3-D convolutions at least this wide (H and W) go through NNPACK slice by slice (see conv3d_same).
+NNPACK_3D_MIN_SIZE = 64
+
+
+def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stacked_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Stride-1 3-D convolution with 'same' zero padding (odd cubic kernel), x (B, C, D, H, W).
+
+    Fast path (CPU float32, no autograd, NNPACK, wide slices): the k depth taps of the kernel are stacked into
+    k * C_out output channels of one 2-D kernel, each input depth slice is convolved once by NNPACK (Winograd
+    for 3x3, FFT for larger kernels) and its k outputs are added to the output slices they belong to. Same
+    multiply-adds as the direct 3-D convolution, but the 2-D kernels run about 1.5-2x faster on AVX2 CPUs.
+    ``stacked_weight``: the (k * C_out, C_in, k, k) re-arrangement of ``weight`` if the caller caches it.
+    """
+    k = weight.shape[-1]
+    b, _, d, h, w = x.shape
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
+            and w >= NNPACK_3D_MIN_SIZE and not torch.is_grad_enabled() and _FAST_PATHS.get() and _nnpack_ready()):
+        return F.conv3d(x, weight, bias, padding=k // 2)
+    c_out, pad = weight.shape[0], k // 2
+    if stacked_weight is None:
+        stacked_weight = stack_depth_taps(weight)
+    zeros = weight.new_zeros(stacked_weight.shape[0])
+    out = x.new_zeros(b, c_out, d, h, w) if bias is None else bias.view(1, -1, 1, 1, 1).expand(b, c_out, d, h, w).clone()
+    for n in range(b):
+        for z in range(d):
+            taps = torch._nnpack_spatial_convolution(x[n:n + 1, :, z].contiguous(), stacked_weight, zeros, [pad, pad])
+            taps = taps.view(k, c_out, h, w)  # tap kd of input slice z lands in output slice z - kd + pad
+            first, last = max(0, pad - (d - 1 - z)), min(k - 1, z + pad)
+            for kd in range(first, last + 1):
+                out[n, :, z - kd + pad] += taps[kd]
+    return out
+
+
+def stack_depth_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, k, k, k) -> (k * C_out, C_in, k, k): depth tap major, for conv3d_same."""
+    c_out, c_in, k = weight.shape[:3]
+    return weight.permute(2, 0, 1, 3, 4).reshape(k * c_out, c_in, k, k).contiguous()
+
+
 class DerivedTensors:
     """Tensors computed from module weights (folded or re-arranged kernels), rebuilt when a source tensor changes.
 
@@ -315,6 +355,28 @@ class DerivedTensors:
             entry = (key, build())
             self._entries[name] = entry
         return entry[1]
+
+
+class SameConv2d(nn.Conv2d):
+    """nn.Conv2d (stride 1, 'same' padding) that takes the fast path of ``conv2d_same``; same state-dict keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same(x, self.weight, self.bias)
+
+
+class SameConv3d(nn.Conv3d):
+    """nn.Conv3d (stride 1, 'same' padding) that takes the fast path of ``conv3d_same``; same state-dict keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self._derived = DerivedTensors()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = self._derived.get("stacked", (self.weight,), lambda: stack_depth_taps(self.weight))
+        return conv3d_same(x, self.weight, self.bias, stacked)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -406,9 +468,9 @@ class SPADE(nn.Module):
 
     def __init__(self, norm_nc: int, label_nc: int, hidden: int = 128):
         super().__init__()
-        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, hidden, kernel_size=3, padding=1), nn.ReLU())
-        self.mlp_gamma = nn.Conv2d(hidden, norm_nc, kernel_size=3, padding=1)
-        self.mlp_beta = nn.Conv2d(hidden, norm_nc, kernel_size=3, padding=1)
+        self.mlp_shared = nn.Sequential(SameConv2d(label_nc, hidden, kernel_size=3), nn.ReLU())
+        self.mlp_gamma = SameConv2d(hidden, norm_nc, kernel_size=3)
+        self.mlp_beta = SameConv2d(hidden, norm_nc, kernel_size=3)
         self.norm_nc = norm_nc
         self._derived = DerivedTensors()
 

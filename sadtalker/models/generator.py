@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (DerivedTensors, DownBlock2d, ResBlock3d, SameBlock2d, SPADEResnetBlock, UpsampledConv3x3,
-                     conv2d_same, fast_paths_enabled)
+from .blocks import (DerivedTensors, DownBlock2d, ResBlock3d, SameBlock2d, SameConv2d, SPADEResnetBlock,
+                     UpsampledConv3x3, conv2d_same, fast_paths_enabled)
 from .dense_motion import DenseMotionNetwork
 
 DENSE_MOTION_PARAMS = dict(block_expansion=32, max_features=1024, num_blocks=5, reshape_depth=16, compress=4)
@@ -48,12 +48,12 @@ class SPADEDecoder(nn.Module):
     def __init__(self, in_channels: int = 256, out_channels: int = 64):
         super().__init__()
         wide = 2 * in_channels
-        self.fc = nn.Conv2d(in_channels, wide, kernel_size=3, padding=1)
+        self.fc = SameConv2d(in_channels, wide, kernel_size=3)
         for i in range(6):
             setattr(self, f"G_middle_{i}", SPADEResnetBlock(wide, wide, label_nc=in_channels))
         self.up_0 = SPADEResnetBlock(wide, in_channels, label_nc=in_channels)
         self.up_1 = SPADEResnetBlock(in_channels, out_channels, label_nc=in_channels)
-        self.conv_img = nn.Conv2d(out_channels, 3, kernel_size=3, padding=1)
+        self.conv_img = SameConv2d(out_channels, 3, kernel_size=3)
         self._derived = DerivedTensors()
 
     def stages(self) -> list[tuple[SPADEResnetBlock, int]]:
@@ -94,13 +94,13 @@ class SPADEDecoder(nn.Module):
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         segmap = feature  # (B, 256, h, w)
         hidden = self.hidden_maps(segmap) if fast_paths_enabled() else [None] * len(self.stages())
-        x = conv2d_same(feature, self.fc.weight, self.fc.bias)  # (B, 512, h, w)
+        x = self.fc(feature)  # (B, 512, h, w)
         for index, (block, scale) in enumerate(self.stages()):
             if scale > 1:  # up_0 and up_1 each double the resolution first
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = block(x, segmap, hidden[index])
         # x: (B, 64, 4h, 4w)
-        return torch.sigmoid(conv2d_same(F.leaky_relu(x, 0.2), self.conv_img.weight, self.conv_img.bias))
+        return torch.sigmoid(self.conv_img(F.leaky_relu(x, 0.2)))
 
 
 class OcclusionAwareSPADEGenerator(nn.Module):
