@@ -295,8 +295,10 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.conv2d(x, weight, bias, padding=k // 2)
 
 
-# 3-D convolutions at least this wide (H and W) go through NNPACK slice by slice (see conv3d_same).
+# 3-D convolutions at least this wide (H and W) and with this many input channels go through NNPACK slice by
+# slice (see conv3d_same); narrower ones are faster as one direct 3-D convolution.
 NNPACK_3D_MIN_SIZE = 64
+NNPACK_3D_MIN_CHANNELS = 64
 
 
 def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -312,7 +314,8 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k = weight.shape[-1]
     b, _, d, h, w = x.shape
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
-            and w >= NNPACK_3D_MIN_SIZE and not torch.is_grad_enabled() and _FAST_PATHS.get() and _nnpack_ready()):
+            and w >= NNPACK_3D_MIN_SIZE and x.shape[1] >= NNPACK_3D_MIN_CHANNELS and not torch.is_grad_enabled()
+            and _FAST_PATHS.get() and _nnpack_ready()):
         return F.conv3d(x, weight, bias, padding=k // 2)
     c_out, pad = weight.shape[0], k // 2
     if stacked_weight is None:
