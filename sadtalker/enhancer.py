@@ -123,14 +123,16 @@ def load_enhancer(name: str, checkpoint_dir: str, background: str | None = None,
     path = find_weights(spec, checkpoint_dir)
     if path is None:
         raise EnhancerWeightsMissing(spec, checkpoint_dir)
-    background_model = None
-    if background is not None:
-        background_spec = BACKGROUND_ENHANCERS[background]
+    background_spec = BACKGROUND_ENHANCERS.get(background) if background is not None else None
+    background_path = None
+    if background_spec is not None:
         background_path = find_weights(background_spec, checkpoint_dir)
         if background_path is None:
             raise EnhancerWeightsMissing(background_spec, checkpoint_dir)
-        background_model = BackgroundUpsampler(_load_descriptor(background_spec, background_path, device), dtype)
     descriptor = _load_descriptor(spec, path, device)
+    background_model = None
+    if background_spec is not None:
+        background_model = BackgroundUpsampler(_load_descriptor(background_spec, background_path, device), dtype)
     return FaceEnhancer(descriptor, name=name, dtype=dtype, upscale=upscale, background=background_model,
                         randomize_noise=randomize_noise)
 

@@ -21,8 +21,7 @@ OpenCV to within one grey level (OpenCV solves in float32 and truncates).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2

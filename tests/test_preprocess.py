@@ -165,6 +165,7 @@ def test_face_at_the_bottom_edge_uses_the_width_clamp():
         frame = np.full((256, 256, 3), 30, np.uint8)
         out = PasteBack(image, full)(frame)  # the official crashes in seamlessClone here; we clip
         assert out.shape == image.shape
+        assert np.abs(out.astype(int) - PasteBack(image, full, method="opencv")(frame)).max() <= 1
         assert not np.array_equal(out, image)
         bx0, by0, bx1, by1 = full.paste_box
         np.testing.assert_array_equal(out[:, :max(bx0, 0)], image[:, :max(bx0, 0)])
