@@ -153,13 +153,10 @@ def try_load_enhancer(name: str | None, checkpoint_dir: str, background: str | N
         return None, warnings
     try:
         return load_enhancer(name, checkpoint_dir, background=background, **kwargs), warnings
-    except EnhancerWeightsMissing as missing:
-        if background is not None and missing.spec.name == background:
+    except EnhancerWeightsMissing as missing:  # the face file is checked first, so this is the face or the background
+        if missing.spec.name == background:
             warnings.append(f"{missing} Continuing without background enhancement.")
-            try:
-                return load_enhancer(name, checkpoint_dir, background=None, **kwargs), warnings
-            except EnhancerWeightsMissing as face_missing:
-                missing = face_missing
+            return load_enhancer(name, checkpoint_dir, background=None, **kwargs), warnings
         warnings.append(f"{missing} Continuing without face enhancement.")
         return None, warnings
 
