@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -35,12 +36,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Collection, Iterable, TextIO
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, TextIO
 
 from .errors import CheckpointError, SadTalkerError
+
+if TYPE_CHECKING:  # torch is imported only when networks are loaded, so `verify` / `download` start instantly
+    import torch
+    from torch import nn
 
 DEFAULT_CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 CHECKSUMS_PATH = os.path.join(os.path.dirname(__file__), "data", "checksums.json")
@@ -209,12 +211,15 @@ def find_checkpoints(checkpoint_dir: str, size: int = 256, parts: Collection[str
 
 
 def load_networks(checkpoint_dir: str, size: int = 256, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, parts: Collection[str] | None = None) -> SadTalkerNetworks:
+                  dtype: torch.dtype | None = None, parts: Collection[str] | None = None) -> SadTalkerNetworks:
     """Build every network and load the official weights strictly (see the module docstring).
 
-    ``parts`` restricts what is loaded (e.g. only the audio side for a fast first step); by default everything,
-    with ``he_estimator`` only when a legacy facevid2vid file is present.
+    ``dtype`` defaults to float32. ``parts`` restricts what is loaded (e.g. only the audio side for a fast first
+    step); by default everything, with ``he_estimator`` only when a legacy facevid2vid file is present.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     wanted = tuple(PARTS if parts is None else parts)
     layout = find_checkpoints(checkpoint_dir, size, wanted)
     if layout.format == "safetensors":
@@ -235,6 +240,7 @@ def load_networks(checkpoint_dir: str, size: int = 256, device: str | torch.devi
                 section, label = MAPPING_SECTIONS[part][1] + "/", f"entry '{MAPPING_SECTIONS[part][1]}'"
             else:
                 section, label = LEGACY_SECTIONS[part][1] + "/", f"entry '{LEGACY_SECTIONS[part][1]}'"
+            _require_section(source, section, file_path, label)
             module = _build(part)
             _load_strict(module, source, section, file_path, label, UNUSED_STORED_PREFIXES.get(part, ()))
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -326,6 +332,8 @@ def _open_safetensors(path: str) -> _TensorSource:
 
 
 def _torch_load(path: str) -> object:
+    import torch
+
     name = _file_name(path)
     try:
         try:
@@ -335,16 +343,21 @@ def _torch_load(path: str) -> object:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) torch.save format
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e):
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        if "Unsupported global" in text:
             raise CheckpointError(f"{name} contains Python objects other than tensors and plain data, so it is not an "
                                   "official SadTalker checkpoint (refusing to run code from it). Download the "
                                   "official file again.") from None
+        if "Weights only load failed" in text:
+            reason = "its data is not a pickled dict of tensors"
         raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({reason}); the file is truncated, "
                               "damaged or not the right file. Delete it and download it again.") from None
 
 
 def _open_torch(path: str) -> _TensorSource:
+    import torch
+
     data = _torch_load(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{_file_name(path)} does not hold a dict of state dicts (found {type(data).__name__}); "
@@ -368,16 +381,19 @@ def _open_source(path: str) -> _TensorSource:
     return _open_safetensors(path) if path.endswith(".safetensors") else _open_torch(path)
 
 
+def _require_section(source: _TensorSource, section: str, path: str, label: str) -> None:
+    if not any(k.startswith(section) for k in source.shapes):
+        found = f" (it has: {', '.join(source.containers)})" if source.containers else ""
+        raise CheckpointError(f"{_file_name(path)} has no {label}{found}; it is not the expected SadTalker "
+                              "checkpoint. Download the official file again.")
+
+
 def _load_strict(module: nn.Module, source: _TensorSource, section: str, path: str, label: str,
                  unused: Iterable[str]) -> None:
     """Copy ``section`` of ``source`` into ``module``: same keys (bar listed unused ones), same shapes."""
     name = _file_name(path)
     expected = module.state_dict()
     stored = {k[len(section):]: k for k in source.shapes if k.startswith(section)}
-    if not stored:
-        found = f" (it has: {', '.join(source.containers)})" if source.containers else ""
-        raise CheckpointError(f"{name} has no {label}{found}; it is not the expected SadTalker checkpoint. "
-                              "Download the official file again.")
     unused = tuple(unused)
     missing = [k for k in expected if k not in stored]
     unknown = [k for k in stored if k not in expected and not k.startswith(unused)]
@@ -601,7 +617,7 @@ def _fetch_into(url: str, partial: str, facts: FileFacts, out: TextIO | None, ti
                         break
                     f.write(block)
                     bar.advance(len(block))
-        except (OSError, ValueError) as e:  # connection reset, timeout, http.client.IncompleteRead
+        except (OSError, ValueError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
             bar.finish()
             raise _Interrupted(str(e) or type(e).__name__) from None
         bar.finish()
