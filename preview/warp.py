@@ -21,6 +21,7 @@ and on the 128 px preview crop.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -133,6 +134,8 @@ class FaceWarper:
         local = self._to_local(pts)  # (68, 2) pixels in the face frame
         self.local = local
 
+        self._expression_lock = threading.Lock()
+        self._expression_bases = None
         self._build_roi(local)
         self._build_grid()
         self._build_bases(local)
@@ -237,25 +240,33 @@ class FaceWarper:
             "shift_x": np.stack([np.full_like(depth, s), np.zeros_like(depth)], -1),
             "shift_y": np.stack([np.zeros_like(depth), np.full_like(depth, s)], -1),
         }
-        head = {name: field * mask[..., None] for name, field in bases_local.items()}
+        self.head_names = tuple(bases_local)
+        self.head_bases = np.stack([self._to_image_vectors(bases_local[n] * mask[..., None])
+                                    for n in self.head_names]).astype(np.float32)  # (K, Gh, Gw, 2)
 
-        # Expressions: thin-plate splines through the landmarks (face units), anchored elsewhere.
-        ctrl, values = _expression_controls(local / s, self.head_centre_u / s, self.head_centre_v / s,
-                                            self.head_rx / s, self.head_ry / s)
-        inside = mask > 0  # the spline is only needed where the head mask lets it act
-        fields = np.zeros(uv.shape[:2] + (len(EXPRESSION_BASES), 2))
-        fields[inside] = _tps(ctrl, values, uv[inside] / s) * s
-        expression_mask = mask[..., None]
-        expr = {name: fields[:, :, i] * expression_mask for i, name in enumerate(EXPRESSION_BASES)}
+    def _expression(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lip_shape + brow bases (2, Gh, Gw, 2), jaw basis (Gh, Gw, 2)), built on first use.
 
-        def to_image(field_uv: np.ndarray) -> np.ndarray:  # rotate face-frame vectors into image vectors
-            return field_uv[..., :1] * self.ex + field_uv[..., 1:2] * self.ey
+        The idle animation never needs them, so its first frame does not wait for the spline solve.
+        """
+        with self._expression_lock:
+            if self._expression_bases is None:
+                s, uv, mask = self.unit, self.node_uv, self.node_mask
+                # thin-plate splines through the landmarks (face units), anchored elsewhere
+                ctrl, values = _expression_controls(self.local / s, self.head_centre_u / s, self.head_centre_v / s,
+                                                    self.head_rx / s, self.head_ry / s)
+                inside = mask > 0  # the spline is only needed where the head mask lets it act
+                fields = np.zeros(uv.shape[:2] + (len(EXPRESSION_BASES), 2))
+                fields[inside] = _tps(ctrl, values, uv[inside] / s) * s
+                fields *= mask[..., None, None]
+                named = {name: self._to_image_vectors(fields[:, :, i]).astype(np.float32)
+                         for i, name in enumerate(EXPRESSION_BASES)}
+                self._expression_bases = (np.stack([named["lip_shape"], named["brow"]]), named["jaw"])
+            return self._expression_bases
 
-        upper_names = ["pitch", "yaw", "roll", "shift_x", "shift_y", "lip_shape", "brow"]
-        all_fields = {**head, **expr}
-        self.upper_names = upper_names
-        self.upper_bases = np.stack([to_image(all_fields[n]) for n in upper_names]).astype(np.float32)  # (K, Gh, Gw, 2)
-        self.jaw_basis = to_image(all_fields["jaw"]).astype(np.float32)  # (Gh, Gw, 2)
+    def _to_image_vectors(self, field_uv: np.ndarray) -> np.ndarray:
+        """Rotate face-frame displacement vectors into image vectors."""
+        return field_uv[..., :1] * self.ex + field_uv[..., 1:2] * self.ey
 
     def _build_mouth(self, local: np.ndarray) -> None:
         """The lips' midline in the face frame: the jaw layer owns everything below it."""
@@ -316,13 +327,19 @@ class FaceWarper:
 
     def forward_fields(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
         """Forward displacement (pixels) on the coarse grid: (upper layer, jaw layer), each (Gh, Gw, 2)."""
-        upper = np.zeros(self.upper_bases.shape[1:], dtype=np.float32)
-        for name, basis in zip(self.upper_names, self.upper_bases):  # a few fused adds; no BLAS on this path
+        upper = np.zeros(self.head_bases.shape[1:], dtype=np.float32)
+        for name, basis in zip(self.head_names, self.head_bases):  # a few fused adds; no BLAS on this path
             weight = float(getattr(pose, name))
             if weight:
                 upper += weight * basis
         jaw = max(0.0, float(pose.jaw))
-        lower = upper + jaw * self.jaw_basis if jaw > 0 else upper
+        if not (pose.lip_shape or pose.brow or jaw):
+            return upper, upper
+        expression, jaw_basis = self._expression()
+        for weight, basis in zip((float(pose.lip_shape), float(pose.brow)), expression):
+            if weight:
+                upper += weight * basis
+        lower = upper + jaw * jaw_basis if jaw > 0 else upper
         return upper, lower
 
     def _invert(self, forward: np.ndarray, iterations: int = 3) -> np.ndarray:
