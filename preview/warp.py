@@ -136,6 +136,7 @@ class FaceWarper:
 
         self._expression_lock = threading.Lock()
         self._expression_bases = None
+        self._seam = None
         self._build_roi(local)
         self._build_grid()
         self._build_bases(local)
@@ -379,14 +380,19 @@ class FaceWarper:
         jaw = max(0.0, float(pose.jaw))
         mouth = None
         if jaw > 0:
+            seam = self._seam_map()
             top = self.jaw_top - y0
             rows = slice(top, y1 - y0)
             back_lo = self._invert(forward_lo)
             lx, ly = self._upsample(back_lo, rows)
             lo_x = self.roi_x + lx
             lo_y = self.roi_y[rows] + ly
-            below = self._seam_distance(lo_x, lo_y) > 0  # the jaw layer lands below the lips' midline
-            mouth = (rows, lo_x, lo_y, map_x[rows].copy(), map_y[rows].copy())
+            # the jaw layer owns a pixel when it reads the source below the lips' midline
+            d_lo = cv2.remap(seam, lo_x - x0, lo_y - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            box = self._mouth_box(forward_lo, top)
+            mouth = (rows.start, box, lo_x[box], lo_y[box], map_x[rows][box].copy(), map_y[rows][box].copy(),
+                     d_lo[box])
+            below = d_lo > 0
             map_x[rows] = np.where(below, lo_x, map_x[rows])
             map_y[rows] = np.where(below, lo_y, map_y[rows])
         if pose.blink > 0:
@@ -397,37 +403,50 @@ class FaceWarper:
             self._paint_mouth(warped, *mouth)
         return warped
 
-    def _seam_distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Pixels below (+) or above (-) the lips' midline, for source points (x, y)."""
-        dx, dy = x - self.origin[0], y - self.origin[1]
-        u = dx * self.ex[0] + dy * self.ex[1]
-        v = dx * self.ey[0] + dy * self.ey[1]
-        return v - np.interp(u, self.seam_u, self.seam_v)
+    def _seam_map(self) -> np.ndarray:
+        """(H, W) float32 over the region: how far (pixels) each source pixel lies below the lips' midline."""
+        with self._expression_lock:
+            if self._seam is None:
+                dx = self.roi_x - self.origin[0]
+                dy = self.roi_y - self.origin[1]
+                u = dx * self.ex[0] + dy * self.ex[1]
+                v = dx * self.ey[0] + dy * self.ey[1]
+                self._seam = (v - np.interp(u, self.seam_u, self.seam_v)).astype(np.float32)
+            return self._seam
 
-    def _paint_mouth(self, warped: np.ndarray, rows: slice, lo_x, lo_y, up_x, up_y) -> None:
+    def _mouth_box(self, forward_lo: np.ndarray, top: int) -> tuple[slice, slice]:
+        """Rows/columns (relative to the jaw band) that can show the mouth: the lips plus how far anything moved."""
+        reach = float(np.sqrt((forward_lo ** 2).sum(-1)).max()) + 0.05 * self.unit + 2.0
+        lips = self.points[48:68]
+        x0, y0, x1, y1 = self.roi
+        c0 = max(0, int(math.floor(lips[:, 0].min() - reach)) - x0)
+        c1 = min(x1 - x0, int(math.ceil(lips[:, 0].max() + reach)) - x0 + 1)
+        r0 = max(0, int(math.floor(lips[:, 1].min() - reach)) - y0 - top)
+        r1 = min(y1 - y0 - top, int(math.ceil(lips[:, 1].max() + reach)) - y0 - top + 1)
+        return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
+
+    def _paint_mouth(self, warped: np.ndarray, band_top: int, box: tuple[slice, slice], lo_x, lo_y, up_x, up_y,
+                     d_lo) -> None:
         """Where the lips part, blend in a dark interior (anti-aliased against both lips)."""
-        d_lo = self._seam_distance(lo_x, lo_y)  # > 0: jaw layer is below the midline (lower lip side)
-        d_up = -self._seam_distance(up_x, up_y)  # > 0: upper layer is above the midline (upper lip side)
-        dx, dy = up_x - self.origin[0], up_y - self.origin[1]
-        u = dx * self.ex[0] + dy * self.ex[1]
-        inside = (d_lo < 0.5) & (d_up < 0.5) & (u > self.mouth_span[0]) & (u < self.mouth_span[1])
-        if not inside.any():
+        if d_lo.size == 0:
             return
-        ys, xs = np.nonzero(inside)
-        r0, r1, c0, c1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        d_lo, d_up, u = d_lo[r0:r1, c0:c1], d_up[r0:r1, c0:c1], u[r0:r1, c0:c1]
-        sub = (slice(rows.start + r0, rows.start + r1), slice(c0, c1))
-        # exact layers inside the box (the merged map above chose by a hard switch)
-        lower = cv2.remap(self.image, lo_x[r0:r1, c0:c1], lo_y[r0:r1, c0:c1], cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-        upper = cv2.remap(self.image, up_x[r0:r1, c0:c1], up_y[r0:r1, c0:c1], cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-        a_lo = np.clip(d_lo + 0.5, 0.0, 1.0)
+        x0, y0 = self.roi[0], self.roi[1]
+        # > 0: the upper layer reads above the midline (upper lip side)
+        d_up = -cv2.remap(self._seam_map(), up_x - x0, up_y - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        u = (up_x - self.origin[0]) * self.ex[0] + (up_y - self.origin[1]) * self.ex[1]
         in_span = (u > self.mouth_span[0]) & (u < self.mouth_span[1])
+        if not np.any((d_lo < 0.5) & (d_up < 0.5) & in_span):
+            return
+        sub = (slice(band_top + box[0].start, band_top + box[0].stop), box[1])
+        # both layers exactly (the merged map chose between them by a hard switch)
+        lower = cv2.remap(self.image, lo_x, lo_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        upper = cv2.remap(self.image, up_x, up_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        a_lo = np.clip(d_lo + 0.5, 0.0, 1.0)
         a_up = np.where(in_span, np.clip(d_up + 0.5, 0.0, 1.0), 1.0) * (1.0 - a_lo)
         a_in = np.clip(1.0 - a_lo - a_up, 0.0, 1.0)
-        interior = self._interior_colour(-d_up, -d_lo, u)
-        blended = (a_lo[..., None] * lower + a_up[..., None] * upper + a_in[..., None] * interior)
+        blended = a_lo[..., None] * lower + a_up[..., None] * upper
+        gap = a_in > 0  # shade only the pixels that show the interior
+        blended[gap] += a_in[gap][:, None] * self._interior_colour(-d_up[gap], -d_lo[gap], u[gap])
         warped[sub] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
     def _interior_colour(self, below_upper: np.ndarray, above_lower: np.ndarray, u: np.ndarray) -> np.ndarray:
