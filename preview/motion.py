@@ -27,6 +27,7 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 JAW_PEAK = 0.2  # lower-lip drop on the clip's loud syllables, in face units
 VOICE_BAND = (80.0, 3000.0)  # Hz: where vowels carry their energy; fricatives (s, f) mostly fall above
 SHAPE_BAND = (100.0, 4000.0)
+JAW_DEAD_ZONE = 0.01  # face units (~0.4 px on a 512 px portrait)
 ATTACK, RELEASE = 0.75, 0.42  # per-frame follower coefficients of the jaw (open fast, close smoothly)
 BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.04, 0.04, 0.08  # a blink is ~160 ms; the 40 ms hold meets every frame
 
@@ -105,15 +106,12 @@ class BlinkSchedule:
     """Blink start times (seeded) and the eyelid closure at any time."""
 
     def __init__(self, rng: np.random.Generator, horizon_s: float, first_after_s: float = 0.6):
-        times = []
-        t = rng.uniform(first_after_s, first_after_s + 1.6)
-        while t < horizon_s:
-            times.append(t)
-            if rng.random() < 0.12:  # a quick double blink now and then
-                times.append(t + 0.32)
-                t += 0.32
-            t += 1.8 + rng.gamma(2.0, 1.1)  # mean gap ~4 s, rarely under 2 s
-        self.times = np.array(times)
+        count = int(horizon_s / 1.8) + 2  # gaps are at least 1.8 s
+        gaps = 1.8 + rng.gamma(2.0, 1.1, count)  # mean gap ~4 s, rarely under 2 s
+        starts = rng.uniform(first_after_s, first_after_s + 1.6) + np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+        starts = starts[starts < horizon_s]
+        doubles = starts[rng.random(starts.size) < 0.12] + 0.32  # a quick double blink now and then
+        self.times = np.sort(np.concatenate([starts, doubles[doubles < horizon_s]]))
 
     def at(self, t: np.ndarray | float) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64)
@@ -217,6 +215,8 @@ def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink
     shape = follow(shape, 0.5, 0.35)
     rounding = np.clip(-shape, 0.0, 1.0)
     jaw = JAW_PEAK * jaw_open * (1.0 + 0.15 * rounding)
+    # The follower's tail decays forever; below a fraction of a pixel the lips are simply closed.
+    jaw = np.maximum(jaw - JAW_DEAD_ZONE, 0.0) * (JAW_PEAK / (JAW_PEAK - JAW_DEAD_ZONE))
 
     # Speech activity (slow) scales the head's drift: livelier while talking, calm in pauses.
     activity = follow((opening > 0.1).astype(np.float64), 0.06, 0.03)

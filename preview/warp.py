@@ -21,6 +21,7 @@ and on the 128 px preview crop.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -133,6 +134,9 @@ class FaceWarper:
         local = self._to_local(pts)  # (68, 2) pixels in the face frame
         self.local = local
 
+        self._expression_lock = threading.Lock()
+        self._expression_bases = None
+        self._seam = None
         self._build_roi(local)
         self._build_grid()
         self._build_bases(local)
@@ -237,25 +241,33 @@ class FaceWarper:
             "shift_x": np.stack([np.full_like(depth, s), np.zeros_like(depth)], -1),
             "shift_y": np.stack([np.zeros_like(depth), np.full_like(depth, s)], -1),
         }
-        head = {name: field * mask[..., None] for name, field in bases_local.items()}
+        self.head_names = tuple(bases_local)
+        self.head_bases = np.stack([self._to_image_vectors(bases_local[n] * mask[..., None])
+                                    for n in self.head_names]).astype(np.float32)  # (K, Gh, Gw, 2)
 
-        # Expressions: thin-plate splines through the landmarks (face units), anchored elsewhere.
-        ctrl, values = _expression_controls(local / s, self.head_centre_u / s, self.head_centre_v / s,
-                                            self.head_rx / s, self.head_ry / s)
-        inside = mask > 0  # the spline is only needed where the head mask lets it act
-        fields = np.zeros(uv.shape[:2] + (len(EXPRESSION_BASES), 2))
-        fields[inside] = _tps(ctrl, values, uv[inside] / s) * s
-        expression_mask = mask[..., None]
-        expr = {name: fields[:, :, i] * expression_mask for i, name in enumerate(EXPRESSION_BASES)}
+    def _expression(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lip_shape + brow bases (2, Gh, Gw, 2), jaw basis (Gh, Gw, 2)), built on first use.
 
-        def to_image(field_uv: np.ndarray) -> np.ndarray:  # rotate face-frame vectors into image vectors
-            return field_uv[..., :1] * self.ex + field_uv[..., 1:2] * self.ey
+        The idle animation never needs them, so its first frame does not wait for the spline solve.
+        """
+        with self._expression_lock:
+            if self._expression_bases is None:
+                s, uv, mask = self.unit, self.node_uv, self.node_mask
+                # thin-plate splines through the landmarks (face units), anchored elsewhere
+                ctrl, values = _expression_controls(self.local / s, self.head_centre_u / s, self.head_centre_v / s,
+                                                    self.head_rx / s, self.head_ry / s)
+                inside = mask > 0  # the spline is only needed where the head mask lets it act
+                fields = np.zeros(uv.shape[:2] + (len(EXPRESSION_BASES), 2))
+                fields[inside] = _tps(ctrl, values, uv[inside] / s) * s
+                fields *= mask[..., None, None]
+                named = {name: self._to_image_vectors(fields[:, :, i]).astype(np.float32)
+                         for i, name in enumerate(EXPRESSION_BASES)}
+                self._expression_bases = (np.stack([named["lip_shape"], named["brow"]]), named["jaw"])
+            return self._expression_bases
 
-        upper_names = ["pitch", "yaw", "roll", "shift_x", "shift_y", "lip_shape", "brow"]
-        all_fields = {**head, **expr}
-        self.upper_names = upper_names
-        self.upper_bases = np.stack([to_image(all_fields[n]) for n in upper_names]).astype(np.float32)  # (K, Gh, Gw, 2)
-        self.jaw_basis = to_image(all_fields["jaw"]).astype(np.float32)  # (Gh, Gw, 2)
+    def _to_image_vectors(self, field_uv: np.ndarray) -> np.ndarray:
+        """Rotate face-frame displacement vectors into image vectors."""
+        return field_uv[..., :1] * self.ex + field_uv[..., 1:2] * self.ey
 
     def _build_mouth(self, local: np.ndarray) -> None:
         """The lips' midline in the face frame: the jaw layer owns everything below it."""
@@ -316,13 +328,19 @@ class FaceWarper:
 
     def forward_fields(self, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
         """Forward displacement (pixels) on the coarse grid: (upper layer, jaw layer), each (Gh, Gw, 2)."""
-        upper = np.zeros(self.upper_bases.shape[1:], dtype=np.float32)
-        for name, basis in zip(self.upper_names, self.upper_bases):  # a few fused adds; no BLAS on this path
+        upper = np.zeros(self.head_bases.shape[1:], dtype=np.float32)
+        for name, basis in zip(self.head_names, self.head_bases):  # a few fused adds; no BLAS on this path
             weight = float(getattr(pose, name))
             if weight:
                 upper += weight * basis
         jaw = max(0.0, float(pose.jaw))
-        lower = upper + jaw * self.jaw_basis if jaw > 0 else upper
+        if not (pose.lip_shape or pose.brow or jaw):
+            return upper, upper
+        expression, jaw_basis = self._expression()
+        for weight, basis in zip((float(pose.lip_shape), float(pose.brow)), expression):
+            if weight:
+                upper += weight * basis
+        lower = upper + jaw * jaw_basis if jaw > 0 else upper
         return upper, lower
 
     def _invert(self, forward: np.ndarray, iterations: int = 3) -> np.ndarray:
@@ -362,14 +380,19 @@ class FaceWarper:
         jaw = max(0.0, float(pose.jaw))
         mouth = None
         if jaw > 0:
+            seam = self._seam_map()
             top = self.jaw_top - y0
             rows = slice(top, y1 - y0)
             back_lo = self._invert(forward_lo)
             lx, ly = self._upsample(back_lo, rows)
             lo_x = self.roi_x + lx
             lo_y = self.roi_y[rows] + ly
-            below = self._seam_distance(lo_x, lo_y) > 0  # the jaw layer lands below the lips' midline
-            mouth = (rows, lo_x, lo_y, map_x[rows].copy(), map_y[rows].copy())
+            # the jaw layer owns a pixel when it reads the source below the lips' midline
+            d_lo = cv2.remap(seam, lo_x - x0, lo_y - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            box = self._mouth_box(forward_lo, top)
+            mouth = (rows.start, box, lo_x[box], lo_y[box], map_x[rows][box].copy(), map_y[rows][box].copy(),
+                     d_lo[box])
+            below = d_lo > 0
             map_x[rows] = np.where(below, lo_x, map_x[rows])
             map_y[rows] = np.where(below, lo_y, map_y[rows])
         if pose.blink > 0:
@@ -380,37 +403,50 @@ class FaceWarper:
             self._paint_mouth(warped, *mouth)
         return warped
 
-    def _seam_distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Pixels below (+) or above (-) the lips' midline, for source points (x, y)."""
-        dx, dy = x - self.origin[0], y - self.origin[1]
-        u = dx * self.ex[0] + dy * self.ex[1]
-        v = dx * self.ey[0] + dy * self.ey[1]
-        return v - np.interp(u, self.seam_u, self.seam_v)
+    def _seam_map(self) -> np.ndarray:
+        """(H, W) float32 over the region: how far (pixels) each source pixel lies below the lips' midline."""
+        with self._expression_lock:
+            if self._seam is None:
+                dx = self.roi_x - self.origin[0]
+                dy = self.roi_y - self.origin[1]
+                u = dx * self.ex[0] + dy * self.ex[1]
+                v = dx * self.ey[0] + dy * self.ey[1]
+                self._seam = (v - np.interp(u, self.seam_u, self.seam_v)).astype(np.float32)
+            return self._seam
 
-    def _paint_mouth(self, warped: np.ndarray, rows: slice, lo_x, lo_y, up_x, up_y) -> None:
+    def _mouth_box(self, forward_lo: np.ndarray, top: int) -> tuple[slice, slice]:
+        """Rows/columns (relative to the jaw band) that can show the mouth: the lips plus how far anything moved."""
+        reach = float(np.sqrt((forward_lo ** 2).sum(-1)).max()) + 0.05 * self.unit + 2.0
+        lips = self.points[48:68]
+        x0, y0, x1, y1 = self.roi
+        c0 = max(0, int(math.floor(lips[:, 0].min() - reach)) - x0)
+        c1 = min(x1 - x0, int(math.ceil(lips[:, 0].max() + reach)) - x0 + 1)
+        r0 = max(0, int(math.floor(lips[:, 1].min() - reach)) - y0 - top)
+        r1 = min(y1 - y0 - top, int(math.ceil(lips[:, 1].max() + reach)) - y0 - top + 1)
+        return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
+
+    def _paint_mouth(self, warped: np.ndarray, band_top: int, box: tuple[slice, slice], lo_x, lo_y, up_x, up_y,
+                     d_lo) -> None:
         """Where the lips part, blend in a dark interior (anti-aliased against both lips)."""
-        d_lo = self._seam_distance(lo_x, lo_y)  # > 0: jaw layer is below the midline (lower lip side)
-        d_up = -self._seam_distance(up_x, up_y)  # > 0: upper layer is above the midline (upper lip side)
-        dx, dy = up_x - self.origin[0], up_y - self.origin[1]
-        u = dx * self.ex[0] + dy * self.ex[1]
-        inside = (d_lo < 0.5) & (d_up < 0.5) & (u > self.mouth_span[0]) & (u < self.mouth_span[1])
-        if not inside.any():
+        if d_lo.size == 0:
             return
-        ys, xs = np.nonzero(inside)
-        r0, r1, c0, c1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        d_lo, d_up, u = d_lo[r0:r1, c0:c1], d_up[r0:r1, c0:c1], u[r0:r1, c0:c1]
-        sub = (slice(rows.start + r0, rows.start + r1), slice(c0, c1))
-        # exact layers inside the box (the merged map above chose by a hard switch)
-        lower = cv2.remap(self.image, lo_x[r0:r1, c0:c1], lo_y[r0:r1, c0:c1], cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-        upper = cv2.remap(self.image, up_x[r0:r1, c0:c1], up_y[r0:r1, c0:c1], cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-        a_lo = np.clip(d_lo + 0.5, 0.0, 1.0)
+        x0, y0 = self.roi[0], self.roi[1]
+        # > 0: the upper layer reads above the midline (upper lip side)
+        d_up = -cv2.remap(self._seam_map(), up_x - x0, up_y - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        u = (up_x - self.origin[0]) * self.ex[0] + (up_y - self.origin[1]) * self.ex[1]
         in_span = (u > self.mouth_span[0]) & (u < self.mouth_span[1])
+        if not np.any((d_lo < 0.5) & (d_up < 0.5) & in_span):
+            return
+        sub = (slice(band_top + box[0].start, band_top + box[0].stop), box[1])
+        # both layers exactly (the merged map chose between them by a hard switch)
+        lower = cv2.remap(self.image, lo_x, lo_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        upper = cv2.remap(self.image, up_x, up_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        a_lo = np.clip(d_lo + 0.5, 0.0, 1.0)
         a_up = np.where(in_span, np.clip(d_up + 0.5, 0.0, 1.0), 1.0) * (1.0 - a_lo)
         a_in = np.clip(1.0 - a_lo - a_up, 0.0, 1.0)
-        interior = self._interior_colour(-d_up, -d_lo, u)
-        blended = (a_lo[..., None] * lower + a_up[..., None] * upper + a_in[..., None] * interior)
+        blended = a_lo[..., None] * lower + a_up[..., None] * upper
+        gap = a_in > 0  # shade only the pixels that show the interior
+        blended[gap] += a_in[gap][:, None] * self._interior_colour(-d_up[gap], -d_lo[gap], u[gap])
         warped[sub] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
     def _interior_colour(self, below_upper: np.ndarray, above_lower: np.ndarray, u: np.ndarray) -> np.ndarray:

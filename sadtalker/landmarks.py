@@ -161,7 +161,7 @@ class LandmarkDetector:
                 break
         if box is None:
             raise NoFaceError(f"No face found in the image. {NO_FACE_HINT}")
-        result = self._fa.get_landmarks_from_image(rgb, detected_faces=[np.array(box + (1.0,), dtype=np.float32)])
+        result = self._fa.get_landmarks_from_image(rgb, detected_faces=[np.array(box + (1.0,), dtype=np.float64)])
         if not result:
             raise NoFaceError(f"No face landmarks could be fitted. {NO_FACE_HINT}")
         points = np.asarray(result[0], dtype=np.float32)[:, :2]
