@@ -84,7 +84,7 @@ class HeadDrift:
     """Slow, never-repeating head sway: per axis a sum of sines with seeded frequencies and phases."""
 
     # axis -> (typical amplitude, lowest Hz, highest Hz); degrees or face units
-    AXES = {"pitch": (1.6, 0.08, 0.5), "yaw": (2.2, 0.05, 0.35), "roll": (1.2, 0.05, 0.3),
+    AXES = {"pitch": (1.5, 0.08, 0.5), "yaw": (1.8, 0.05, 0.35), "roll": (1.0, 0.05, 0.3),
             "shift_x": (0.012, 0.04, 0.2), "shift_y": (0.008, 0.18, 0.3)}
 
     def __init__(self, rng: np.random.Generator):
@@ -137,9 +137,9 @@ def _ease(x: np.ndarray) -> np.ndarray:
 
 
 def _impulse(tau: np.ndarray, peak_s: float) -> np.ndarray:
-    """0 before the event, rises to 1 at ``peak_s``, then settles back (a critically damped head movement)."""
+    """0 before the event, eases in to 1 at ``peak_s``, then settles back (no jump in speed at the start)."""
     x = np.clip(tau / peak_s, 0.0, None)
-    return np.where(tau > 0, x * np.exp(1.0 - x), 0.0)
+    return np.where(tau > 0, x * x * np.exp(2.0 * (1.0 - x)), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink
     activity = follow((opening > 0.1).astype(np.float64), 0.06, 0.03)
     drift = HeadDrift(rng).at(times)
     fade_in = _ease(np.clip(times / 0.5, 0.0, 1.0))  # frame 0 is the photo itself
-    liveliness = fade_in * (1.0 + 0.8 * activity)
+    liveliness = fade_in * (1.0 + 0.6 * activity)
     head = {axis: values * liveliness for axis, values in drift.items()}
     brow = np.zeros(num_frames)
 
@@ -238,7 +238,7 @@ def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink
         tau = times - times[i]
         weight = min(1.0, strength / 0.5)
         if rng.random() < 0.85:
-            head["pitch"] += rng.uniform(2.0, 4.5) * weight * _impulse(tau, rng.uniform(0.14, 0.22))
+            head["pitch"] += rng.uniform(1.5, 3.5) * weight * _impulse(tau, rng.uniform(0.14, 0.22))
         if rng.random() < 0.5:
             turn = _impulse(tau, rng.uniform(0.25, 0.4))
             head["yaw"] += rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.5) * weight * turn
