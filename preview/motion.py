@@ -29,6 +29,7 @@ VOICE_BAND = (80.0, 3000.0)  # Hz: where vowels carry their energy; fricatives (
 SHAPE_BAND = (100.0, 4000.0)
 JAW_DEAD_ZONE = 0.01  # face units (~0.4 px on a 512 px portrait)
 ATTACK, RELEASE = 0.75, 0.42  # per-frame follower coefficients of the jaw (open fast, close smoothly)
+EVENT_FRAMES = 3 * FPS  # how long a nod/turn is followed (its tail is < 1 % after 8 peak times)
 BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.04, 0.04, 0.08  # a blink is ~160 ms; the 40 ms hold meets every frame
 
 
@@ -235,16 +236,17 @@ def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink
         if strength < 0.18 or strength < onset[i - 1] or strength < onset[i + 1] or i - last < 9:
             continue
         last = i
-        tau = times - times[i]
+        span = slice(i, min(num_frames, i + EVENT_FRAMES))  # an event has settled (< 1 %) after ~3 s
+        tau = times[span] - times[i]
         weight = min(1.0, strength / 0.5)
         if rng.random() < 0.85:
-            head["pitch"] += rng.uniform(1.5, 3.5) * weight * _impulse(tau, rng.uniform(0.14, 0.22))
+            head["pitch"][span] += rng.uniform(1.5, 3.5) * weight * _impulse(tau, rng.uniform(0.14, 0.22))
         if rng.random() < 0.5:
             turn = _impulse(tau, rng.uniform(0.25, 0.4))
-            head["yaw"] += rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.5) * weight * turn
-            head["roll"] += rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * weight * turn
+            head["yaw"][span] += rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.5) * weight * turn
+            head["roll"][span] += rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * weight * turn
         if strength > 0.3 and rng.random() < 0.5:
-            brow += rng.uniform(0.03, 0.06) * weight * _impulse(tau, 0.2)
+            brow[span] += rng.uniform(0.03, 0.06) * weight * _impulse(tau, 0.2)
 
     blink = BlinkSchedule(rng, num_frames / FPS).at(times) if use_blink else np.zeros(num_frames)
     as32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
