@@ -198,6 +198,7 @@ def follow(target: np.ndarray, attack: float, release: float) -> np.ndarray:
 
 def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink: bool = True,
                       sample_rate: int = SAMPLE_RATE) -> Motion:
+    """The motion of a clip of ``num_frames`` frames from its audio (mono float32). Same seed, same motion."""
     rng = np.random.default_rng(seed)
     features = audio_features(samples, num_frames, sample_rate)
     times = np.arange(num_frames) / FPS
