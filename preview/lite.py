@@ -31,6 +31,7 @@ class LitePreview:
         self.num_frames = motion.num_frames
         self._motion = motion
         self._renderer = CropRenderer(rgb, points, size)
+        self._renderer.prepare()  # the preview plays in real time: no frame should wait for set-up
 
     def render(self, index: int) -> np.ndarray:
         """(size, size, 3) uint8 of frame ``index`` (clamped to the clip). Thread-safe: no shared mutable state."""

@@ -245,6 +245,11 @@ class FaceWarper:
         self.head_bases = np.stack([self._to_image_vectors(bases_local[n] * mask[..., None])
                                     for n in self.head_names]).astype(np.float32)  # (K, Gh, Gw, 2)
 
+    def prepare(self) -> None:
+        """Build the lazily made parts now (mouth and brow fields), so no later frame waits for them."""
+        self._expression()
+        self._seam_map()
+
     def _expression(self) -> tuple[np.ndarray, np.ndarray]:
         """(lip_shape + brow bases (2, Gh, Gw, 2), jaw basis (Gh, Gw, 2)), built on first use.
 
@@ -515,6 +520,9 @@ class CropRenderer:
         crop, affine = cut_crop(rgb, self.box, self.size, self.margin)
         pts = np.asarray(points, dtype=np.float64) @ affine[:, :2].T + affine[:, 2]
         self.warper = FaceWarper(crop, pts)
+
+    def prepare(self) -> None:
+        self.warper.prepare()
 
     def render(self, pose: Pose) -> np.ndarray:
         m, n = self.margin, self.size
