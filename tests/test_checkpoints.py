@@ -427,3 +427,19 @@ def test_download_command_against_a_local_server(tmp_path):
     assert result.returncode == 1 and "offline" in result.stderr and "Traceback" not in result.stderr
     result = _cli("download", "--dir", str(tmp_path), "--files", "nonsense.bin")
     assert result.returncode == 1 and "Unknown checkpoint file(s): nonsense.bin" in result.stderr
+
+
+def test_synthetic_official_file_holds_the_recipe_values():
+    """The cached synthetic safetensors (what the golden test loads) stores exactly the recipe's tensors,
+    including the derived ones (anti-alias kernel, spectral-norm v) that are easy to write with a wrong layout."""
+    from safetensors import safe_open
+
+    from sadtalker.synthetic import synthetic_tensor
+    from synthetic_checkpoints import synthetic_checkpoint_dir
+
+    spec = {k: s for k, s, _ in file_spec(ST_256)}
+    keys = [k for k in spec if k.endswith(("down.weight", "weight_v"))]
+    keys += ["audio2exp.mapping1.weight", "generator.first.conv.weight", "face_3drecon.final_layers.6.bias"]
+    with safe_open(os.path.join(synthetic_checkpoint_dir(legacy=False), ST_256), framework="numpy") as f:
+        for key in keys:
+            np.testing.assert_array_equal(f.get_tensor(key), synthetic_tensor(key, spec[key], spec), err_msg=key)
