@@ -100,7 +100,8 @@ def write_safetensors_checkpoint(path: str, file_name: str = "SadTalker_V0.0.2_2
     from safetensors.numpy import save_file
 
     state = synthetic_state([(key, shape) for key, shape, _ in file_spec(file_name)])
-    state = {key: np.ascontiguousarray(value) for key, value in state.items()}  # save_file writes raw memory
+    # save_file writes raw memory: every array in C order (copy() keeps 0-d num_batches_tracked 0-d)
+    state = {key: value if value.flags.c_contiguous else value.copy(order="C") for key, value in state.items()}
     _atomic(path, lambda tmp: save_file(state, tmp))
     return path
 
