@@ -18,8 +18,8 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from .align import align_face, coeff_3dmm, recon_input
 from .audio import load_audio
+from .coefficients import audio_to_coefficients, face_coefficients
 from .checkpoints import SadTalkerNetworks, find_checkpoints, load_networks
 from .enhancer import FaceEnhancer, try_load_enhancer
 from .errors import CheckpointError, InputError, NoFaceError
@@ -146,8 +146,6 @@ class SadTalkerPipeline:
                 self._video_coefficients(options.ref_pose, features.num_frames, options, nets)
 
         yield Progress("motion", 0, 1, "Predicting expression and head motion from the audio")
-        from .coefficients import audio_to_coefficients
-
         motion = audio_to_coefficients(nets.audio2exp, nets.audio2pose, features, source.coeff,
                                        pose_style=options.pose_style, use_blink=options.use_blink, seed=options.seed,
                                        ref_eyeblink_coeffs=ref_eyeblink, ref_pose_coeffs=ref_pose)
@@ -207,33 +205,25 @@ class SadTalkerPipeline:
 
     def _image_coefficients(self, crop_rgb: np.ndarray, nets: SadTalkerNetworks) -> np.ndarray:
         """(73,) coefficients of a renderer-sized face crop (landmarks detected again on the crop, as the official)."""
-        return self._recon([crop_rgb], nets)[0]
+        return self._coefficients([crop_rgb], nets)[0]
 
-    def _recon(self, crops: list[np.ndarray], nets: SadTalkerNetworks) -> np.ndarray:
-        aligned = []
+    def _coefficients(self, crops: list[np.ndarray], nets: SadTalkerNetworks) -> np.ndarray:
+        """(F, 73) coefficients of face crops; a crop where no face is found uses the standard face (official)."""
+        landmarks = []
         for crop in crops:
             try:
-                lm = self.detector.detect(crop).points
+                landmarks.append(self.detector.detect(crop).points)
             except NoFaceError:
-                lm = None  # the official falls back to the standard face spread over the frame
-            aligned.append(align_face(crop, lm))
-        batch = np.concatenate([recon_input(a) for a in aligned])  # (B, 3, 224, 224)
-        with torch.inference_mode():
-            full = nets.face_recon(torch.from_numpy(batch).to(self.device, self.dtype)).float().cpu().numpy()
-        return np.concatenate([coeff_3dmm(full[i:i + 1], a.trans_params) for i, a in enumerate(aligned)])
+                landmarks.append(None)
+        return face_coefficients(nets.face_recon, crops, landmarks, batch_size=RECON_BATCH).coeff_3dmm
 
     def _video_coefficients(self, path: str, num_frames: int, options: Options, nets: SadTalkerNetworks) -> np.ndarray:
         """(F, 73) coefficients of up to ``num_frames`` frames of a reference video (cropped like the portrait)."""
         frames = _read_video_frames(path, num_frames)
         face = self.detector.detect(frames[0])
         mode = "extcrop" if options.preprocess.startswith("ext") else "crop"
-        coeffs = []
-        for start in range(0, len(frames), RECON_BATCH):
-            crops = []
-            for frame in frames[start:start + RECON_BATCH]:
-                crops.append(crop_portrait(frame, face.points, mode, options.size).image)
-            coeffs.append(self._recon(crops, nets))
-        return np.concatenate(coeffs)
+        return self._coefficients([crop_portrait(frame, face.points, mode, options.size).image for frame in frames],
+                                  nets)
 
 
 def _read_video_frames(path: str, limit: int) -> list[np.ndarray]:
