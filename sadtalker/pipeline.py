@@ -218,32 +218,37 @@ class SadTalkerPipeline:
         return face_coefficients(nets.face_recon, crops, landmarks, batch_size=RECON_BATCH).coeff_3dmm
 
     def _video_coefficients(self, path: str, num_frames: int, options: Options, nets: SadTalkerNetworks) -> np.ndarray:
-        """(F, 73) coefficients of up to ``num_frames`` frames of a reference video (cropped like the portrait)."""
-        frames = _read_video_frames(path, num_frames)
-        face = self.detector.detect(frames[0])
+        """(F, 73) coefficients of up to ``num_frames`` frames of a reference video, cropped like the portrait.
+
+        The crop box comes from the first frame's face (as the official); frames are cropped as they are decoded,
+        so only the small crops are kept.
+        """
         mode = "extcrop" if options.preprocess.startswith("ext") else "crop"
-        return self._coefficients([crop_portrait(frame, face.points, mode, options.size).image for frame in frames],
-                                  nets)
+        crops, face = [], None
+        for frame in _video_frames(path, num_frames):
+            if face is None:
+                face = self.detector.detect(frame)
+            crops.append(crop_portrait(frame, face.points, mode, options.size).image)
+        if not crops:
+            raise InputError(f"The reference video {os.path.basename(path)} has no frames.")
+        return self._coefficients(crops, nets)
 
 
-def _read_video_frames(path: str, limit: int) -> list[np.ndarray]:
-    """Up to ``limit`` RGB frames of a video file (only reference videos: a few seconds)."""
+def _video_frames(path: str, limit: int) -> Iterator[np.ndarray]:
+    """Up to ``limit`` RGB frames of a video file, one at a time."""
     if not os.path.isfile(path):
         raise InputError(f"Reference video {path!r} was not found.")
-    frames = []
     try:
         reader = imageio_ffmpeg.read_frames(path)
         meta = next(reader)
-        width, height = meta["size"]
-        for raw in reader:
-            frames.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3).copy())
-            if len(frames) >= limit:
-                break
-        reader.close()
-    except (OSError, RuntimeError, StopIteration, KeyError) as exc:
+    except (OSError, RuntimeError, StopIteration) as exc:
         raise InputError(f"Could not read the reference video {os.path.basename(path)} ({exc}); "
                          "use an mp4 or another common video format.") from None
-    if not frames:
-        raise InputError(f"The reference video {os.path.basename(path)} has no frames.")
-    return frames
-
+    width, height = meta["size"]
+    try:
+        for count, raw in enumerate(reader):
+            if count >= limit:
+                break
+            yield np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+    finally:
+        reader.close()
