@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Hourglass, keypoint_gaussians, make_coordinate_grid
+from .blocks import DerivedTensors, Hourglass, SameConv3d, fast_paths_enabled, keypoint_gaussians, make_coordinate_grid
 
 
 class DenseMotion(NamedTuple):
@@ -29,12 +29,31 @@ class DenseMotionNetwork(nn.Module):
         super().__init__()
         self.hourglass = Hourglass(block_expansion=block_expansion, in_features=(num_kp + 1) * (compress + 1),
                                    max_features=max_features, num_blocks=num_blocks)
-        self.mask = nn.Conv3d(self.hourglass.out_filters, num_kp + 1, kernel_size=7, padding=3)
+        self.mask = SameConv3d(self.hourglass.out_filters, num_kp + 1, kernel_size=7)
         self.compress = nn.Conv3d(feature_channel, compress, kernel_size=1)
         self.norm = nn.BatchNorm3d(compress, affine=True)
         self.occlusion = (nn.Conv2d(self.hourglass.out_filters * reshape_depth, 1, kernel_size=7, padding=3)
                           if estimate_occlusion_map else None)
         self.num_kp = num_kp
+        self._derived = DerivedTensors()
+
+    def _occlusion_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """The occlusion conv (1792 -> 1 channel, 7x7). A single output channel makes the direct convolution slow;
+        on the fast path it is a 1x1 convolution to one map per kernel tap (a plain matrix product) followed by
+        the sum of the 49 shifted maps: the same sum, reordered."""
+        conv = self.occlusion
+        k = conv.kernel_size[0]
+        if not fast_paths_enabled() or torch.is_grad_enabled() or conv.out_channels != 1:
+            return conv(flat)
+        taps_weight = self._derived.get("taps", (conv.weight,), lambda: conv.weight[0].permute(1, 2, 0)
+                                        .reshape(k * k, -1, 1, 1).contiguous())  # (k*k, C, 1, 1)
+        b, _, h, w = flat.shape
+        taps = F.pad(F.conv2d(flat, taps_weight), (k // 2,) * 4)  # (B, k*k, H + k - 1, W + k - 1)
+        out = conv.bias.view(1, 1, 1, 1).expand(b, 1, h, w).clone()
+        for i in range(k):
+            for j in range(k):
+                out += taps[:, i * k + j:i * k + j + 1, i:i + h, j:j + w]
+        return out
 
     def compress_source(self, feature: torch.Tensor) -> torch.Tensor:
         """Source volume (B, C, D, H, W) -> compressed (B, compress, D, H, W); depends on the source only."""
@@ -72,5 +91,6 @@ class DenseMotionNetwork(nn.Module):
 
         occlusion_map = None
         if self.occlusion is not None:
-            occlusion_map = torch.sigmoid(self.occlusion(prediction.reshape(b, -1, h, w)))  # (B, 112*D, H, W) -> (B, 1, H, W)
+            flat = prediction.reshape(b, -1, h, w)  # (B, 112*D, H, W)
+            occlusion_map = torch.sigmoid(self._occlusion_logits(flat))  # (B, 1, H, W)
         return DenseMotion(deformation=deformation, occlusion_map=occlusion_map, mask=mask)

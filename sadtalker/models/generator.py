@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import DownBlock2d, ResBlock3d, SameBlock2d, SPADEResnetBlock
+from .blocks import (DerivedTensors, DownBlock2d, ResBlock3d, SameBlock2d, SameConv2d, SPADEResnetBlock,
+                     UpsampledConv3x3, conv2d_same, fast_paths_enabled)
 from .dense_motion import DenseMotionNetwork
 
 DENSE_MOTION_PARAMS = dict(block_expansion=32, max_features=1024, num_blocks=5, reshape_depth=16, compress=4)
@@ -38,26 +39,68 @@ class GeneratorOutput(NamedTuple):
 
 
 class SPADEDecoder(nn.Module):
-    """256-channel warped features (also the SPADE label map) -> RGB image at 4x the resolution."""
+    """256-channel warped features (also the SPADE label map) -> RGB image at 4x the resolution.
+
+    Every SPADE's first convolution depends on the label map only, so all of them run up front, merged into one
+    convolution per resolution (the up-sampled ones on the low-resolution map, see ``UpsampledConv3x3``).
+    """
 
     def __init__(self, in_channels: int = 256, out_channels: int = 64):
         super().__init__()
         wide = 2 * in_channels
-        self.fc = nn.Conv2d(in_channels, wide, kernel_size=3, padding=1)
+        self.fc = SameConv2d(in_channels, wide, kernel_size=3)
         for i in range(6):
             setattr(self, f"G_middle_{i}", SPADEResnetBlock(wide, wide, label_nc=in_channels))
         self.up_0 = SPADEResnetBlock(wide, in_channels, label_nc=in_channels)
         self.up_1 = SPADEResnetBlock(in_channels, out_channels, label_nc=in_channels)
-        self.conv_img = nn.Conv2d(out_channels, 3, kernel_size=3, padding=1)
+        self.conv_img = SameConv2d(out_channels, 3, kernel_size=3)
+        self._derived = DerivedTensors()
+
+    def stages(self) -> list[tuple[SPADEResnetBlock, int]]:
+        """(block, up-sampling of its input relative to the label map), in order."""
+        return [(getattr(self, f"G_middle_{i}"), 1) for i in range(6)] + [(self.up_0, 2), (self.up_1, 4)]
+
+    def _merged_hidden_convs(self) -> dict[int, tuple[list[tuple[int, str, int]], object]]:
+        """Per scale: [(stage index, SPADE name, channels)] and one conv (weights, bias) / UpsampledConv3x3 for all."""
+        merged = {}
+        for scale in (1, 2, 4):
+            parts, weights, biases = [], [], []
+            for index, (block, block_scale) in enumerate(self.stages()):
+                if block_scale != scale:
+                    continue
+                for name, spade in block.spades().items():
+                    conv = spade.mlp_shared[0]
+                    parts.append((index, name, conv.out_channels))
+                    weights.append(conv.weight)
+                    biases.append(conv.bias)
+            weight, bias = torch.cat(weights, dim=0).contiguous(), torch.cat(biases, dim=0)
+            merged[scale] = (parts, (weight, bias) if scale == 1 else UpsampledConv3x3(weight, bias, scale))
+        return merged
+
+    def hidden_maps(self, segmap: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Every SPADE's hidden map ReLU(mlp_shared(label map at the block's resolution)), per stage."""
+        sources = tuple(t for block, _ in self.stages() for spade in block.spades().values()
+                        for t in (spade.mlp_shared[0].weight, spade.mlp_shared[0].bias))
+        merged = self._derived.get("hidden_convs", sources, self._merged_hidden_convs)
+        maps: list[dict[str, torch.Tensor]] = [{} for _ in self.stages()]
+        for scale, (parts, conv) in merged.items():
+            hidden = F.relu(conv2d_same(segmap, *conv) if scale == 1 else conv(segmap))  # (B, sum(channels), sH, sW)
+            start = 0
+            for index, name, channels in parts:
+                maps[index][name] = hidden[:, start:start + channels]
+                start += channels
+        return maps
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         segmap = feature  # (B, 256, h, w)
+        hidden = self.hidden_maps(segmap) if fast_paths_enabled() else [None] * len(self.stages())
         x = self.fc(feature)  # (B, 512, h, w)
-        for i in range(6):
-            x = getattr(self, f"G_middle_{i}")(x, segmap)
-        x = self.up_0(F.interpolate(x, scale_factor=2, mode="nearest"), segmap)  # (B, 256, 2h, 2w)
-        x = self.up_1(F.interpolate(x, scale_factor=2, mode="nearest"), segmap)  # (B, 64, 4h, 4w)
-        return torch.sigmoid(self.conv_img(F.leaky_relu(x, 0.2)))  # (B, 3, 4h, 4w)
+        for index, (block, scale) in enumerate(self.stages()):
+            if scale > 1:  # up_0 and up_1 each double the resolution first
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = block(x, segmap, hidden[index])
+        # x: (B, 64, 4h, 4w)
+        return torch.sigmoid(self.conv_img(F.leaky_relu(x, 0.2)))
 
 
 class OcclusionAwareSPADEGenerator(nn.Module):

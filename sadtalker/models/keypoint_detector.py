@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AntiAliasDownsample, KeypointHourglass, make_coordinate_grid
+from .blocks import AntiAliasDownsample, KeypointHourglass, make_coordinate_grid, reference_computation
 
 
 class KeypointDetector(nn.Module):
@@ -28,7 +28,15 @@ class KeypointDetector(nn.Module):
             self.down = AntiAliasDownsample(image_channel, scale_factor)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> canonical keypoints (B, num_kp, 3), (x, y, z) in [-1, 1]."""
+        """(B, 3, H, W) RGB in [0, 1] -> canonical keypoints (B, num_kp, 3), (x, y, z) in [-1, 1].
+
+        Always computed the reference way (no fast convolutions): it runs once per clip, and every frame's
+        keypoints, hence the whole video, shift with last-bit changes here.
+        """
+        with reference_computation():
+            return self._keypoints(image)
+
+    def _keypoints(self, image: torch.Tensor) -> torch.Tensor:
         if self.scale_factor != 1:
             image = self.down(image)  # (B, 3, H/4, W/4)
         logits = self.kp(self.predictor(image))  # (B, K, D, h, w)
