@@ -3,7 +3,7 @@
 The server (``websockets.asyncio.server``) runs its own asyncio loop in a daemon thread; producers publish from any
 thread without blocking. Every message is JSON with a ``type`` and the ``job`` it belongs to:
 
-* ``hello``    on connect: the job the viewer follows (``null`` if none yet) and the protocol version
+* ``hello``    on connect: the job the viewer follows (``null`` if none yet), the protocol version, ``app_port``
 * ``status``   ``stage``, ``message``
 * ``progress`` ``done``, ``total``, ``eta_s`` (``null`` while unknown), ``stage``
 * ``frame``    ``seq``, ``t``, ``quality`` (``idle|preview|final``), ``width``, ``height``, ``jpeg`` (base64)
@@ -65,8 +65,9 @@ class _Viewer:
 class Broadcaster:
     """Start with ``start()`` (returns once the port is bound); publish from any thread; ``stop()`` to shut down."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8765):
+    def __init__(self, host: str = "127.0.0.1", port: int = 8765, hello_info: dict | None = None):
         self.host = host
+        self.hello_info = dict(hello_info or {})  # extra fields for the hello message (e.g. the app's HTTP port)
         self.port = port  # replaced by the bound port after start() (port 0 = any free port)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Server | None = None
@@ -245,7 +246,7 @@ class Broadcaster:
     def _queue_hello_and_snapshot(self, viewer: _Viewer) -> None:
         viewer.pending.clear()
         job = self._followed_job(viewer)
-        hello = {"type": "hello", "job": job, "protocol": PROTOCOL_VERSION,
+        hello = {**self.hello_info, "type": "hello", "job": job, "protocol": PROTOCOL_VERSION,
                  "following": "latest" if viewer.follow is None else "job"}
         self._queue(viewer, None, "hello", json.dumps(hello).encode("utf-8"))
         self._queue_snapshot(viewer, job)
