@@ -174,6 +174,7 @@ def _warm_idle_animation() -> None:
 # ------------------------------------------------------------------------------------------------------- the page
 PAGE_CSS = """
 #engine-line { font-size: 0.95em; }
+#live img { width: 100%; height: 100%; object-fit: contain; }
 .stl-progress { height: 12px; border-radius: 6px; background: var(--block-background-fill);
                 border: 1px solid var(--border-color-primary); overflow: hidden; }
 .stl-progress > div { height: 100%; background: var(--color-accent); transition: width .15s; }
@@ -230,10 +231,11 @@ def build_ui(studio, max_jobs: int = 1):
                     yield frame, progress_html(snap), gr.skip(), gr.skip()
             if snap.state == "error":
                 raise gr.Error(snap.error or "Generation failed.", title="Generation failed")
+            last_frame = snap.frame.rgb if snap.frame is not None else None
             if snap.state == "cancelled":
-                yield frame, progress_html(snap), None, "Stopped — nothing was saved."
+                yield last_frame, progress_html(snap), None, "Stopped — nothing was saved."
                 return
-            yield frame, progress_html(snap), snap.video_path, result_text(snap)
+            yield last_frame, progress_html(snap), snap.video_path, result_text(snap)
         finally:
             if not job.finished:  # the page went away or Stop cancelled this event: stop the work too
                 job.cancel()
@@ -273,11 +275,11 @@ def build_ui(studio, max_jobs: int = 1):
                     stop_button = gr.Button("Stop", variant="stop")
             with gr.Column(scale=1):
                 live = gr.Image(label="Live", type="numpy", format="jpeg", interactive=False, height=360,
-                                buttons=["fullscreen"])
+                                buttons=["fullscreen"], elem_id="live")
                 progress = gr.HTML(progress_html(None))
                 gr.HTML('<a href="/viewer" target="_blank" rel="noopener">Open live viewer ↗</a> '
                         '— the same live frames in a separate tab (open as many as you like).')
-                video = gr.Video(label="Result", interactive=False)
+                video = gr.Video(label="Result", interactive=False, height=360)
                 result = gr.Markdown()
         examples = [[str(EXAMPLE_IMAGE), str(EXAMPLE_AUDIO)]] if EXAMPLE_IMAGE.is_file() and EXAMPLE_AUDIO.is_file() else []
         if examples:
@@ -321,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "websockets.server"):  # one line per HTTP request / connection otherwise
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     sys.path.insert(0, str(ROOT))
     return render(args) if args.command == "render" else serve(args)
 
