@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-EXAMPLE_IMAGE = ROOT / "examples" / "astronaut.png"
+EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
 EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"
 VIEWER_HTML = ROOT / "streaming_client.html"
 PAGE_FPS = 25  # the page's live image follows the display clock, like the viewer
@@ -307,7 +307,7 @@ def progress_html(snap) -> str:
     parts = [html.escape(snap.message or snap.stage)]
     if snap.total and snap.state == "running":
         parts.append(f"{snap.done}/{snap.total} frames")
-        if snap.stage == "render":
+        if snap.done < snap.total:
             parts.append(f"ETA {snap.eta_s:.1f} s" if snap.eta_s is not None else "ETA estimating…")
     parts.append(f"{snap.elapsed_s:.1f} s elapsed")
     return (f'<div class="stl-progress"><div style="width:{fraction * 100:.1f}%"></div></div>'

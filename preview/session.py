@@ -205,16 +205,13 @@ class Job:
                 self._status("render", "Rendering full-quality frames")
             self._send_progress(now, force=self._done >= self._total)
         elif isinstance(event, Progress):
+            # Stages are reported as status lines; the progress bar counts frames (Frame events drive it).
             with self._cond:
-                changed = (event.stage, event.message) != (self._stage, self._message)
-                self._stage, self._message = event.stage, event.message or self._message
-                if event.stage != "render" or not self._final_times:
-                    self._done, self._total = event.done, event.total
-                    self._eta_s = None
-                self._version += 1
-            if changed:
+                stage_changed = event.stage != self._stage
+                # within a stage, only its first and last step are news (not "Rendered 35/105 frames" every 5)
+                milestone = event.message and event.message != self._message and event.done in (0, event.total)
+            if stage_changed or milestone:
                 self._status(event.stage, event.message or event.stage)
-            self._send_progress(now, force=changed)
         elif isinstance(event, MotionReady):
             with self._cond:
                 self._motion = event
@@ -222,6 +219,7 @@ class Job:
                 self._done = 0
                 self._version += 1
                 self._cond.notify_all()  # the display thread starts the preview now
+            self._send_progress(now, force=True)
         elif isinstance(event, Done):
             with self._cond:
                 self._engine_finished = event

@@ -252,6 +252,8 @@ def test_two_jobs_at_once_each_viewer_sees_only_its_job(broadcaster, inputs, tmp
     first = start_job(ScriptedEngine(num_frames=60, final_fps=30, tint=230), inputs, broadcaster, tmp_path)
     viewer1 = Recorder(broadcaster.url)
     viewer1._ws.send(json.dumps({"type": "follow", "job": first.id}))
+    viewer1.wait_for(lambda m: m["type"] == "hello" and m["following"] == "job")
+    viewer1.messages.clear()  # from here on it follows the first job only
     second = start_job(ScriptedEngine(num_frames=60, final_fps=30, tint=60), inputs, broadcaster, tmp_path)
     viewer2 = Recorder(broadcaster.url)  # follows the latest job: the second one
     assert first.wait(10) and second.wait(10)
