@@ -210,6 +210,7 @@ def build_ui(studio, max_jobs: int = 1):
                  size: int = defaults.size, batch_size: int = defaults.batch_size, blink: bool = defaults.use_blink,
                  request: gr.Request = None):
         """Generate a talking-head video; yields live frames and progress; the last output is the mp4."""
+        image, audio = _uploaded_path(image), _uploaded_path(audio)
         try:
             options = Options(preprocess=preprocess, still=bool(still), pose_style=int(pose_style),
                               expression_scale=float(expression_scale),
@@ -291,9 +292,19 @@ def build_ui(studio, max_jobs: int = 1):
         engine.change(describe, inputs=[engine], outputs=describe_outputs, api_visibility="private", queue=False)
         run = generate_button.click(generate, inputs=[image, audio, engine, *option_inputs, blink],
                                     outputs=[live, progress, video, result], api_name="generate",
-                                    show_progress="hidden", concurrency_limit=max_jobs)
+                                    show_progress="hidden", concurrency_limit=max_jobs,
+                                    # Our own loaders read the uploads: Gradio's image preprocessing would fail on a
+                                    # non-image with a generic error instead of our message saying what to do.
+                                    preprocess=False)
         stop_button.click(stop, api_visibility="private", cancels=[run], queue=False)
     return demo
+
+
+def _uploaded_path(value) -> str | None:
+    """The file path of an upload: Gradio hands over its file record (``preprocess=False``), a script a path."""
+    if isinstance(value, dict):
+        return value.get("path")
+    return value or None
 
 
 def progress_html(snap) -> str:
