@@ -29,14 +29,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from websockets.asyncio.connection import broadcast
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-JPEG_QUALITY = 85
+JPEG_QUALITY = 80
 MAX_CLIENT_MESSAGE_BYTES = 4096  # viewers only ever send tiny control messages
+# A viewer whose socket holds more unsent bytes than this is behind: its messages wait in its latest-only slots.
+WRITE_BACKLOG_BYTES = 256 * 1024
 MAX_REMEMBERED_JOBS = 16  # finished jobs stay joinable (a late viewer still gets their result) up to this many
 # Message types that describe a job's state; a late joiner is sent the latest of each, in this order.
 _SNAPSHOT_ORDER = ("status", "progress", "frame", "done", "error")
@@ -60,6 +63,12 @@ class _Viewer:
     # (job, type) -> the newest unsent message of that kind; job None = not about a job (hello, pong)
     pending: "OrderedDict[tuple[str | None, str], bytes]" = field(default_factory=OrderedDict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sending: bool = False  # the viewer's send task is writing (or waiting for its socket to drain)
+
+    def keeping_up(self) -> bool:
+        transport = self.connection.transport
+        return (not self.pending and not self.sending and transport is not None and not transport.is_closing()
+                and transport.get_write_buffer_size() < WRITE_BACKLOG_BYTES)
 
 
 class Broadcaster:
@@ -217,6 +226,10 @@ class Broadcaster:
         return viewer.follow if viewer.follow is not None else self._latest_job
 
     def _queue(self, viewer: _Viewer, job: str | None, kind: str, data: bytes) -> None:
+        if viewer.keeping_up():
+            # Fast path: hand the message to the socket now, without a task switch per viewer and message.
+            broadcast([viewer.connection], data, text=True)
+            return
         # One slot per (job, type): a newer message replaces an unsent older one, keeping its place in the order.
         viewer.pending[(job, kind)] = data
         viewer.wake.set()
@@ -260,7 +273,11 @@ class Broadcaster:
                     (job, kind), data = viewer.pending.popitem(last=False)
                     if job is not None and job != self._followed_job(viewer):
                         continue  # queued before the viewer switched jobs: never mix jobs
-                    await viewer.connection.send(data, text=True)  # waits while this viewer's buffer is full
+                    viewer.sending = True
+                    try:
+                        await viewer.connection.send(data, text=True)  # waits while this viewer's buffer is full
+                    finally:
+                        viewer.sending = False
         except ConnectionClosed:
             pass
 
