@@ -179,7 +179,7 @@ def test_fast_renderer_replaces_the_preview_at_once_and_viewers_get_at_most_25_f
 
 def test_cancel_closes_the_engine_stops_ffmpeg_and_leaves_no_file(broadcaster, inputs, tmp_path):
     viewer = Recorder(broadcaster.url)
-    engine = ScriptedEngine(num_frames=500, final_fps=25, motion_delay_s=0.05)
+    engine = ScriptedEngine(num_frames=500, final_fps=40, motion_delay_s=0.05)
     job = start_job(engine, inputs, broadcaster, tmp_path)
     viewer.wait_for(lambda m: m["type"] == "frame" and m["kind"] == "final")
     assert any(p.name().startswith("ffmpeg") for p in psutil.Process().children(recursive=True))
