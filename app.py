@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
 EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"
 VIEWER_HTML = ROOT / "streaming_client.html"
-PAGE_FPS = 25  # the page's live image follows the display clock, like the viewer
+# The page's live image shows every other display frame: each Gradio update costs ~10 ms of server CPU (encode,
+# cache file, diff, SSE, the browser's fetch), which at 25 per second would slow generation; the viewer shows all 25.
+PAGE_FPS = 12.5
 
 log = logging.getLogger("sadtalker_live")
 
@@ -243,6 +245,12 @@ def build_ui(studio, max_jobs: int = 1):
             if session and jobs_by_session.get(session) == job.id:
                 del jobs_by_session[session]
 
+    def image_uploaded(image):
+        try:
+            studio.prepare(_uploaded_path(image))
+        except SadTalkerError as exc:
+            gr.Warning(str(exc))
+
     def stop(request: gr.Request = None):
         job_id = jobs_by_session.get(getattr(request, "session_hash", None) or "")
         if job_id:
@@ -297,6 +305,8 @@ def build_ui(studio, max_jobs: int = 1):
                                     # non-image with a generic error instead of our message saying what to do.
                                     preprocess=False)
         stop_button.click(stop, api_visibility="private", cancels=[run], queue=False)
+        image.upload(image_uploaded, inputs=[image], api_visibility="private", queue=False, preprocess=False,
+                     show_progress="hidden")
     return demo
 
 

@@ -427,6 +427,12 @@ class Studio:
                 self._jobs.popitem(last=False)
         return job.start()
 
+    def prepare(self, image: str | None) -> None:
+        """Find the face of a just-uploaded photo ahead of Generate (landmarks are cached by image content), so the
+        idle animation starts at once on the click. Raises InputError (not an image, no face) for early feedback."""
+        if image:
+            _default_idle_animator(load_image(image))
+
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
