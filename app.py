@@ -305,8 +305,9 @@ def build_ui(studio, max_jobs: int = 1):
                                     # non-image with a generic error instead of our message saying what to do.
                                     preprocess=False)
         stop_button.click(stop, api_visibility="private", cancels=[run], queue=False)
-        image.upload(image_uploaded, inputs=[image], api_visibility="private", queue=False, preprocess=False,
-                     show_progress="hidden")
+        # queued (not queue=False): a warning can only reach the page through the queue's event stream
+        image.upload(image_uploaded, inputs=[image], api_visibility="private", preprocess=False,
+                     show_progress="hidden", concurrency_limit=4)
     return demo
 
 
