@@ -300,7 +300,8 @@ def build_ui(studio, max_jobs: int = 1):
         engine.change(describe, inputs=[engine], outputs=describe_outputs, api_visibility="private", queue=False)
         run = generate_button.click(generate, inputs=[image, audio, engine, *option_inputs, blink],
                                     outputs=[live, progress, video, result], api_name="generate",
-                                    show_progress="hidden", concurrency_limit=max_jobs,
+                                    # a click waiting for its turn shows its queue position on the progress line
+                                    show_progress="full", show_progress_on=[progress], concurrency_limit=max_jobs,
                                     # Our own loaders read the uploads: Gradio's image preprocessing would fail on a
                                     # non-image with a generic error instead of our message saying what to do.
                                     preprocess=False)
