@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -112,7 +111,6 @@ class Job:
         self._final_times: deque[float] = deque(maxlen=RATE_WINDOW_FRAMES)
         self._last_progress_sent = 0.0
         self._seq = 0
-        self.first_frame_at: dict[str, float] = {}  # quality -> monotonic time of its first display (benchmarks)
         self._engine_thread = threading.Thread(target=self._run_engine, name=f"engine-{job_id}", daemon=True)
         self._display_thread = threading.Thread(target=self._run_display, name=f"display-{job_id}", daemon=True)
 
@@ -324,7 +322,6 @@ class Job:
         with self._cond:
             self._seq += 1
             self._display = DisplayFrame(self._seq, t, quality, rgb)
-            self.first_frame_at.setdefault(quality, time.monotonic())
             self._version += 1
             self._cond.notify_all()
             seq = self._seq

@@ -1,7 +1,6 @@
 """Shared test setup: the repository root on sys.path and a folder for artifacts (screenshots, logs)."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
