@@ -24,11 +24,6 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
-@pytest.fixture(scope="session")
-def examples_dir() -> Path:
-    return ROOT / "examples"
-
-
 
 def free_port() -> int:
     with socket.socket() as s:
