@@ -31,6 +31,7 @@ class LitePreview:
         self.num_frames = motion.num_frames
         self._motion = motion
         self._renderer = CropRenderer(rgb, points, size)
+        self._renderer.prepare()  # the preview plays in real time: no frame should wait for set-up
 
     def render(self, index: int) -> np.ndarray:
         """(size, size, 3) uint8 of frame ``index`` (clamped to the clip). Thread-safe: no shared mutable state."""
@@ -76,7 +77,7 @@ class LiteEngine:
         warper = FaceWarper(rgb, face.points)
         height, width = rgb.shape[:2]
         writer = None
-        finished = False
+        video_path = None
         try:
             if options.output:
                 writer = Mp4Writer(options.output, width, height, audio_path=os.fspath(audio), duration_s=duration_s)
@@ -88,14 +89,13 @@ class LiteEngine:
                 yield Frame(index=index, time_s=index / FPS, quality="final", rgb=frame)
                 if (index + 1) % PROGRESS_EVERY == 0 or index + 1 == num_frames:
                     yield Progress("render", index + 1, num_frames, f"Rendered {index + 1}/{num_frames} frames")
-            video_path = None
             if writer is not None:
                 yield Progress("encode", 0, 1, "Finishing the video")
-                video_path = writer.close()
+                finishing, writer = writer, None
+                video_path = finishing.close()  # removes the partial file itself if ffmpeg fails
                 yield Progress("encode", 1, 1, "Video ready")
-            finished = True
         finally:
-            if writer is not None and not finished:
+            if writer is not None:  # stopped (or failed) while frames were still going in: no half-written file
                 writer.abort()
         yield Done(video_path=video_path, num_frames=num_frames, duration_s=duration_s, engine=self.name)
 

@@ -29,6 +29,7 @@ VOICE_BAND = (80.0, 3000.0)  # Hz: where vowels carry their energy; fricatives (
 SHAPE_BAND = (100.0, 4000.0)
 JAW_DEAD_ZONE = 0.01  # face units (~0.4 px on a 512 px portrait)
 ATTACK, RELEASE = 0.75, 0.42  # per-frame follower coefficients of the jaw (open fast, close smoothly)
+EVENT_FRAMES = 3 * FPS  # how long a nod/turn is followed (its tail is < 1 % after 8 peak times)
 BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.04, 0.04, 0.08  # a blink is ~160 ms; the 40 ms hold meets every frame
 
 
@@ -84,7 +85,7 @@ class HeadDrift:
     """Slow, never-repeating head sway: per axis a sum of sines with seeded frequencies and phases."""
 
     # axis -> (typical amplitude, lowest Hz, highest Hz); degrees or face units
-    AXES = {"pitch": (1.6, 0.08, 0.5), "yaw": (2.2, 0.05, 0.35), "roll": (1.2, 0.05, 0.3),
+    AXES = {"pitch": (1.5, 0.08, 0.5), "yaw": (1.8, 0.05, 0.35), "roll": (1.0, 0.05, 0.3),
             "shift_x": (0.012, 0.04, 0.2), "shift_y": (0.008, 0.18, 0.3)}
 
     def __init__(self, rng: np.random.Generator):
@@ -137,9 +138,9 @@ def _ease(x: np.ndarray) -> np.ndarray:
 
 
 def _impulse(tau: np.ndarray, peak_s: float) -> np.ndarray:
-    """0 before the event, rises to 1 at ``peak_s``, then settles back (a critically damped head movement)."""
+    """0 before the event, eases in to 1 at ``peak_s``, then settles back (no jump in speed at the start)."""
     x = np.clip(tau / peak_s, 0.0, None)
-    return np.where(tau > 0, x * np.exp(1.0 - x), 0.0)
+    return np.where(tau > 0, x * x * np.exp(2.0 * (1.0 - x)), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,6 +198,7 @@ def follow(target: np.ndarray, attack: float, release: float) -> np.ndarray:
 
 def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink: bool = True,
                       sample_rate: int = SAMPLE_RATE) -> Motion:
+    """The motion of a clip of ``num_frames`` frames from its audio (mono float32). Same seed, same motion."""
     rng = np.random.default_rng(seed)
     features = audio_features(samples, num_frames, sample_rate)
     times = np.arange(num_frames) / FPS
@@ -222,7 +224,7 @@ def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink
     activity = follow((opening > 0.1).astype(np.float64), 0.06, 0.03)
     drift = HeadDrift(rng).at(times)
     fade_in = _ease(np.clip(times / 0.5, 0.0, 1.0))  # frame 0 is the photo itself
-    liveliness = fade_in * (1.0 + 0.8 * activity)
+    liveliness = fade_in * (1.0 + 0.6 * activity)
     head = {axis: values * liveliness for axis, values in drift.items()}
     brow = np.zeros(num_frames)
 
@@ -235,16 +237,17 @@ def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink
         if strength < 0.18 or strength < onset[i - 1] or strength < onset[i + 1] or i - last < 9:
             continue
         last = i
-        tau = times - times[i]
+        span = slice(i, min(num_frames, i + EVENT_FRAMES))  # an event has settled (< 1 %) after ~3 s
+        tau = times[span] - times[i]
         weight = min(1.0, strength / 0.5)
         if rng.random() < 0.85:
-            head["pitch"] += rng.uniform(2.0, 4.5) * weight * _impulse(tau, rng.uniform(0.14, 0.22))
+            head["pitch"][span] += rng.uniform(1.5, 3.5) * weight * _impulse(tau, rng.uniform(0.14, 0.22))
         if rng.random() < 0.5:
             turn = _impulse(tau, rng.uniform(0.25, 0.4))
-            head["yaw"] += rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.5) * weight * turn
-            head["roll"] += rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * weight * turn
+            head["yaw"][span] += rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.5) * weight * turn
+            head["roll"][span] += rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * weight * turn
         if strength > 0.3 and rng.random() < 0.5:
-            brow += rng.uniform(0.03, 0.06) * weight * _impulse(tau, 0.2)
+            brow[span] += rng.uniform(0.03, 0.06) * weight * _impulse(tau, 0.2)
 
     blink = BlinkSchedule(rng, num_frames / FPS).at(times) if use_blink else np.zeros(num_frames)
     as32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731

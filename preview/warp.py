@@ -161,8 +161,8 @@ class FaceWarper:
         chin_v = local[8, 1]
         self.head_centre_u = float(jaw_u.mean())
         self.head_rx = 0.62 * float(jaw_u.max() - jaw_u.min()) + 0.15 * s
-        top_v = float(local[BROWS, 1].min()) - 1.25 * s
-        bottom_v = chin_v + 0.05 * s
+        top_v = min(float(local[BROWS, 1].min()), -0.2 * s) - 1.25 * s
+        bottom_v = max(chin_v, 1.0 * s) + 0.05 * s  # (the max/min only matter for implausible landmarks)
         self.head_centre_v = (top_v + bottom_v) / 2
         self.head_ry = (bottom_v - top_v) / 2
         # the fade-out reaches r = FADE_END; the region of interest is that ellipse's bounding box
@@ -222,9 +222,9 @@ class FaceWarper:
 
         # 2.5-D depth (face units) of each node in front of the neck's rotation axis.
         jaw_u = local[JAW, 0]
-        face_rx = 0.5 * float(jaw_u.max() - jaw_u.min())
+        face_rx = max(0.5 * float(jaw_u.max() - jaw_u.min()), 0.3 * s)
         face_cv = 0.5 * (float(local[BROWS, 1].min()) + float(local[8, 1]))
-        face_ry = 0.5 * (float(local[8, 1]) - float(local[BROWS, 1].min())) + 0.2 * s
+        face_ry = max(0.5 * (float(local[8, 1]) - float(local[BROWS, 1].min())), 0.3 * s) + 0.2 * s
         fu = (uv[..., 0] - float(jaw_u.mean())) / face_rx
         fv = (uv[..., 1] - face_cv) / face_ry
         surface = np.sqrt(np.clip(1.0 - fu * fu - fv * fv, 0.0, None))
@@ -244,6 +244,11 @@ class FaceWarper:
         self.head_names = tuple(bases_local)
         self.head_bases = np.stack([self._to_image_vectors(bases_local[n] * mask[..., None])
                                     for n in self.head_names]).astype(np.float32)  # (K, Gh, Gw, 2)
+
+    def prepare(self) -> None:
+        """Build the lazily made parts now (mouth and brow fields), so no later frame waits for them."""
+        self._expression()
+        self._seam_map()
 
     def _expression(self) -> tuple[np.ndarray, np.ndarray]:
         """(lip_shape + brow bases (2, Gh, Gw, 2), jaw basis (Gh, Gw, 2)), built on first use.
@@ -515,6 +520,9 @@ class CropRenderer:
         crop, affine = cut_crop(rgb, self.box, self.size, self.margin)
         pts = np.asarray(points, dtype=np.float64) @ affine[:, :2].T + affine[:, 2]
         self.warper = FaceWarper(crop, pts)
+
+    def prepare(self) -> None:
+        self.warper.prepare()
 
     def render(self, pose: Pose) -> np.ndarray:
         m, n = self.margin, self.size

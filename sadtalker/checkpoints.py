@@ -523,16 +523,19 @@ def verify_dir(directory: str, files: dict[str, FileFacts] | None = None,
 # ----------------------------------------------------------------------------------------------------------------
 
 class _ProgressBar:
-    """A one-line progress bar on a text stream (rate-limited redraws)."""
+    """A progress bar on a text stream: redrawn in place on a terminal, one line every few seconds in a log."""
 
     def __init__(self, label: str, total: int | None, out: TextIO | None, start: int = 0):
         self.label, self.total, self.out, self.done = label, total, out, start
-        self.started, self.start_bytes, self.last_draw = time.monotonic(), start, 0.0
+        self.started, self.start_bytes = time.monotonic(), start
+        self.last_draw = self.started  # first redraw after one interval: quick jobs print nothing but the end
+        self.interactive = bool(out is not None and getattr(out, "isatty", lambda: False)())
+        self.interval = 0.2 if self.interactive else 5.0
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.out is not None and now - self.last_draw >= 0.2:
+        if self.out is not None and now - self.last_draw >= self.interval:
             self.last_draw = now
             self._draw(now)
 
@@ -549,18 +552,20 @@ class _ProgressBar:
                     f"{mb:7.1f}/{self.total / 1e6:.1f} MB {rate / 1e6:6.2f} MB/s ETA {eta_text}")
         else:
             line = f"{self.label} {mb:7.1f} MB {rate / 1e6:6.2f} MB/s"
-        self.out.write("\r" + line)
+        self.out.write("\r" + line if self.interactive else line + "\n")
         self.out.flush()
 
     def finish(self) -> None:
         if self.out is not None:
             self._draw(time.monotonic())
-            self.out.write("\n")
+            if self.interactive:
+                self.out.write("\n")
             self.out.flush()
 
     def clear(self) -> None:
-        if self.out is not None and self.last_draw:
-            self.out.write("\r" + " " * 100 + "\r")
+        """Remove an in-place bar (a terminal) before the next line is printed."""
+        if self.out is not None and self.interactive and self.last_draw > self.started:
+            self.out.write("\r" + " " * 110 + "\r")
             self.out.flush()
 
 
@@ -729,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume the download.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a command that stopped reading (e.g. `| head`)
+        sys.stderr.close()
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy.signal import savgol_filter
 
+from .align import align_face, coeff_3dmm, recon_input
 from .errors import InputError
 from .mel import AudioFeatures
 from .models.audio2pose import LATENT_DIM, NUM_POSE_STYLES, num_noise_draws
@@ -29,6 +30,15 @@ POSE_SLICE = slice(64, 70)
 SMOOTHING_WINDOW = 13
 SMOOTHING_ORDER = 2
 BLINK_SHAPE = (0.5, 0.9, 1.0, 0.9, 0.5)  # eye-closure ratio over the 5 frames of one blink
+
+
+@dataclass(frozen=True)
+class FaceCoefficients:
+    """3DMM coefficients of images (the official first-frame / reference-video .mat contents)."""
+
+    coeff_3dmm: np.ndarray  # (N, 73) float32: exp 64 | angles 3 | trans 3 | crop (s, tx, ty) 3
+    full_3dmm: np.ndarray  # (N, 257) float32: the reconstruction net's whole output
+    trans_params: np.ndarray  # (N, 5) float32: [W, H, s, tx, ty] of each alignment
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,29 @@ class MotionCoefficients:
     coeffs: np.ndarray  # (T, 70) float32: what the renderer is driven by
     inputs: CoefficientInputs
     pose_noise: np.ndarray  # (draws, 1, 64) float32: the latent samples used (to repeat the run exactly)
+
+
+def face_coefficients(face_recon: torch.nn.Module, frames_rgb, landmarks, batch_size: int = 8) -> FaceCoefficients:
+    """Align every frame (``landmarks[i]``: (68, 2) pixels, y down, or None) and run the reconstruction net.
+
+    As ``CropAndExtract.generate`` after landmark detection, for the source image (one frame) or a reference video.
+    """
+    frames = list(frames_rgb)
+    marks = list(landmarks)
+    if len(frames) != len(marks) or not frames:
+        raise ValueError(f"need one landmark set per frame (got {len(frames)} frames, {len(marks)} landmark sets)")
+    param = next(face_recon.parameters())
+    full, trans = [], []
+    for start in range(0, len(frames), batch_size):
+        aligned = [align_face(f, m) for f, m in zip(frames[start:start + batch_size], marks[start:start + batch_size])]
+        batch = torch.from_numpy(np.concatenate([recon_input(a) for a in aligned])).to(param.device, param.dtype)
+        with torch.inference_mode():
+            full.append(face_recon(batch).float().cpu().numpy())  # (n, 257)
+        trans.extend(a.trans_params for a in aligned)
+    full_3dmm = np.concatenate(full).astype(np.float32)
+    trans_params = np.stack(trans).astype(np.float32)
+    rows = [coeff_3dmm(full_3dmm[i:i + 1], trans_params[i]) for i in range(len(frames))]
+    return FaceCoefficients(coeff_3dmm=np.concatenate(rows), full_3dmm=full_3dmm, trans_params=trans_params)
 
 
 def blink_ratio_sequence(num_frames: int, rng: random.Random) -> np.ndarray:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from golden_support import DEGREE_ABS_TOL, MEL_ABS_TOL, GoldenCase  # noqa: F401  (tolerances documented there)
+from golden_support import MEL_ABS_TOL, GoldenCase
 from sadtalker import align, mel
 from sadtalker.checkpoints import SadTalkerNetworks
-from sadtalker.coefficients import CoefficientInputs, predict_coefficients
+from sadtalker.coefficients import CoefficientInputs, face_coefficients, predict_coefficients
 
 
 def _windows(case: GoldenCase) -> torch.Tensor:
@@ -70,10 +70,10 @@ def check_preprocess_3dmm(case: GoldenCase, nets: SadTalkerNetworks) -> None:
     case.check_close("aligned_rgb", aligned.image)
     if "lm_aligned" in case:
         case.check_close("lm_aligned", aligned.landmarks)
-    with torch.inference_mode():
-        full = nets.face_recon(torch.from_numpy(align.recon_input(aligned))).numpy()
-    case.check_close("full_coeff", full)
-    case.check_close("coeff_3dmm", align.coeff_3dmm(full, aligned.trans_params))
+    # The whole per-image path (alignment + reconstruction + 73-value assembly), as the pipeline runs it.
+    faces = face_coefficients(nets.face_recon, [case["image_rgb"]], [case["lm68"]])
+    case.check_close("full_coeff", faces.full_3dmm)
+    case.check_close("coeff_3dmm", faces.coeff_3dmm)
 
 
 CASES = {

@@ -138,3 +138,19 @@ def test_ref_pose_video_and_invalid_style(audio_nets):
     np.testing.assert_allclose(moved.coeffs[:, 64:], plain.coeffs[:, 64:] + offset, atol=1e-6)
     with pytest.raises(InputError, match="pose style"):
         co.predict_coefficients(audio_nets.audio2exp, audio_nets.audio2pose, plain.inputs, 46)
+
+
+def test_face_coefficients_batches_frames_independently():
+    nets = load_networks(synthetic_checkpoint_dir(legacy=False), parts=["face_recon"])
+    rng = np.random.default_rng(9)
+    frames = [rng.integers(0, 256, (120, 100, 3), dtype=np.uint8) for _ in range(3)]
+    base = np.array([[30, 40]] * 68, np.float32)
+    base[36:42], base[42:48], base[48], base[54], base[30] = (35, 40), (65, 40), (38, 80), (62, 80), (50, 60)
+    marks = [base + i for i in range(2)] + [None]  # the last frame had no detection: standard landmarks
+    together = co.face_coefficients(nets.face_recon, frames, marks, batch_size=2)
+    assert together.coeff_3dmm.shape == (3, 73) and together.full_3dmm.shape == (3, 257)
+    for i in range(3):
+        alone = co.face_coefficients(nets.face_recon, frames[i:i + 1], marks[i:i + 1])
+        np.testing.assert_allclose(together.full_3dmm[i], alone.full_3dmm[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(together.trans_params[i], alone.trans_params[0])
+    np.testing.assert_array_equal(together.coeff_3dmm[:, 70:], together.trans_params[:, 2:])
