@@ -102,6 +102,7 @@ class Job:
         self._done = self._total = 0
         self._eta_s: float | None = None
         self._motion: MotionReady | None = None
+        self._render_started: float | None = None  # when the motion was known (final rendering starts)
         self._latest_final: Frame | None = None
         self._engine_finished: Done | None = None
         self._display: DisplayFrame | None = None
@@ -213,6 +214,7 @@ class Job:
         elif isinstance(event, MotionReady):
             with self._cond:
                 self._motion = event
+                self._render_started = now
                 self._total = event.num_frames
                 self._done = 0
                 self._version += 1
@@ -229,12 +231,16 @@ class Job:
             log.warning("job %s: ignored an unknown event %r", self.id, type(event).__name__)
 
     def _estimate_eta_locked(self) -> float | None:
-        if len(self._final_times) < 3 or self._total <= self._done:
-            return None if self._total > self._done else 0.0
-        span = self._final_times[-1] - self._final_times[0]
-        if span <= 0:
+        if self._total <= self._done:
+            return 0.0
+        if len(self._final_times) >= 3 and self._final_times[-1] > self._final_times[0]:
+            # final frames per second, recently
+            rate = (len(self._final_times) - 1) / (self._final_times[-1] - self._final_times[0])
+        elif self._render_started is not None and self._final_times and self._final_times[-1] > self._render_started:
+            # a slow engine's first frames (seconds each): its rate since the motion was known, set-up included
+            rate = self._done / (self._final_times[-1] - self._render_started)
+        else:
             return None
-        rate = (len(self._final_times) - 1) / span  # final frames per second, recently
         return (self._total - self._done) / rate
 
     def _send_progress(self, now: float, force: bool = False) -> None:

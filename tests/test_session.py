@@ -248,6 +248,16 @@ def test_progress_counts_frames_and_the_eta_follows_the_measured_rate(broadcaste
     assert len(render) < 40  # throttled to ~10 per second, not one per frame
 
 
+def test_a_slow_engine_gets_an_eta_from_its_first_frame(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(num_frames=6, final_fps=4, motion_delay_s=0.05, first_frame_delay_s=0.25)  # 0.25 s a frame
+    start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "done")
+    viewer.close()
+    first = next(m for m in viewer.messages if m["type"] == "progress" and m["done"] == 1)
+    assert first["eta_s"] is not None and 0.8 < first["eta_s"] < 2.5, first  # 5 frames left at ~4 per second
+
+
 def test_two_jobs_at_once_each_viewer_sees_only_its_job(broadcaster, inputs, tmp_path):
     first = start_job(ScriptedEngine(num_frames=60, final_fps=30, tint=230), inputs, broadcaster, tmp_path)
     viewer1 = Recorder(broadcaster.url)
