@@ -250,7 +250,8 @@ def test_progress_counts_frames_and_the_eta_follows_the_measured_rate(broadcaste
 
 def test_a_slow_engine_gets_an_eta_from_its_first_frame(broadcaster, inputs, tmp_path):
     viewer = Recorder(broadcaster.url)
-    engine = ScriptedEngine(num_frames=6, final_fps=4, motion_delay_s=0.05, first_frame_delay_s=0.25)  # 0.25 s a frame
+    # 0.25 s a frame, like a slow renderer whose first frame comes well after the motion
+    engine = ScriptedEngine(num_frames=6, final_fps=4, motion_delay_s=0.05, first_frame_delay_s=0.25)
     start_job(engine, inputs, broadcaster, tmp_path)
     viewer.wait_for(lambda m: m["type"] == "done")
     viewer.close()
