@@ -290,9 +290,9 @@ def build_ui(studio, max_jobs: int = 1):
                         '— the same live frames in a separate tab (open as many as you like).')
                 video = gr.Video(label="Result", interactive=False, height=360)
                 result = gr.Markdown()
-        examples = [[str(EXAMPLE_IMAGE), str(EXAMPLE_AUDIO)]] if EXAMPLE_IMAGE.is_file() and EXAMPLE_AUDIO.is_file() else []
-        if examples:
-            gr.Examples(examples, inputs=[image, audio], label="Example (click to load, then Generate)")
+        if EXAMPLE_IMAGE.is_file() and EXAMPLE_AUDIO.is_file():
+            gr.Examples([[str(EXAMPLE_IMAGE), str(EXAMPLE_AUDIO)]], inputs=[image, audio],
+                        label="Example (click to load, then Generate)")
 
         option_inputs = [preprocess, still, pose_style, expression_scale, enhancer, size, batch_size]
         describe_outputs = [engine_line, options_note, *option_inputs]
@@ -338,8 +338,8 @@ def progress_html(snap) -> str:
 
 
 def result_text(snap) -> str:
-    return (f"**Done** — {snap.duration_s:.1f} s video made by the **{snap.engine}** engine in {snap.elapsed_s:.1f} s. "
-            f"[Download the mp4]({snap.video_url})")
+    return (f"**Done** — {snap.duration_s:.1f} s video made by the **{snap.engine}** engine "
+            f"in {snap.elapsed_s:.1f} s. [Download the mp4]({snap.video_url})")
 
 
 def main(argv: list[str] | None = None) -> int:

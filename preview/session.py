@@ -398,8 +398,9 @@ class Studio:
 
     MAX_REMEMBERED_JOBS = 32
 
-    def __init__(self, broadcaster: Broadcaster | None, outputs_dir: str = "outputs", checkpoint_dir: str = "checkpoints",
-                 device: str = "cpu", outputs_url: str = "/outputs", max_audio_s: float = 300.0):
+    def __init__(self, broadcaster: Broadcaster | None, outputs_dir: str = "outputs",
+                 checkpoint_dir: str = "checkpoints", device: str = "cpu", outputs_url: str = "/outputs",
+                 max_audio_s: float = 300.0):
         self.broadcaster = broadcaster
         self.outputs_dir = os.path.abspath(outputs_dir)
         self.outputs_url = outputs_url.rstrip("/")
@@ -484,7 +485,8 @@ def run_headless(engine: Engine, image: str, audio: str, options: Options, strea
     return result
 
 
-def _draw(stream: TextIO, stage: str, done: int, total: int, eta: float | None, message: str, interactive: bool) -> None:
+def _draw(stream: TextIO, stage: str, done: int, total: int, eta: float | None, message: str,
+          interactive: bool) -> None:
     width = 30
     filled = int(width * done / total) if total else 0
     bar = "#" * filled + "-" * (width - filled)

@@ -214,7 +214,8 @@ def test_two_jobs_at_once_never_mix_frames(broadcaster):
                 time.sleep(0.005)
             broadcaster.publish_done(job, f"/outputs/{job}/video.mp4", 1.6, "lite", 40)
 
-        threads = [threading.Thread(target=produce, args=("job1", red)), threading.Thread(target=produce, args=("job2", blue))]
+        threads = [threading.Thread(target=produce, args=("job1", red)),
+                   threading.Thread(target=produce, args=("job2", blue))]
         for thread in threads:
             thread.start()
         for thread in threads:

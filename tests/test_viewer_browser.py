@@ -43,7 +43,9 @@ def canvas_pixels(viewer: Page) -> dict:
         const c = document.getElementById('canvas');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let sum = 0, sq = 0, n = 0;
-        for (let i = 0; i < d.length; i += 4) { const v = (d[i] + d[i + 1] + d[i + 2]) / 3; sum += v; sq += v * v; n++; }
+        for (let i = 0; i < d.length; i += 4) {
+            const v = (d[i] + d[i + 1] + d[i + 2]) / 3; sum += v; sq += v * v; n++;
+        }
         const mean = sum / n;
         return { mean, std: Math.sqrt(sq / n - mean * mean), width: c.width, height: c.height };
     }""")
