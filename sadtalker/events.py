@@ -60,6 +60,7 @@ class Done:
     num_frames: int
     duration_s: float
     engine: str  # "lite" or "sadtalker"
+    warnings: tuple[str, ...] = ()  # things the user should know (e.g. enhancer weights missing, skipped)
 
 
 Event = Progress | Frame | MotionReady | Done

@@ -33,7 +33,9 @@ def _anti_alias_kernel() -> np.ndarray:
     g = np.exp(-offsets ** 2 / (2 * _ANTI_ALIAS_SIGMA ** 2))
     kernel = np.outer(g, g)
     kernel /= kernel.sum()
-    return np.broadcast_to(kernel, (3, 1, _ANTI_ALIAS_TAPS, _ANTI_ALIAS_TAPS)).astype(np.float32)
+    # C order explicitly: astype() of a broadcast view keeps a non-contiguous layout, and safetensors.numpy writes
+    # an array's raw memory, which would scramble the kernel in the file.
+    return np.broadcast_to(kernel, (3, 1, _ANTI_ALIAS_TAPS, _ANTI_ALIAS_TAPS)).astype(np.float32, order="C")
 
 
 def synthetic_tensor(key: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, ...]] | None = None) -> np.ndarray:
@@ -98,6 +100,8 @@ def write_safetensors_checkpoint(path: str, file_name: str = "SadTalker_V0.0.2_2
     from safetensors.numpy import save_file
 
     state = synthetic_state([(key, shape) for key, shape, _ in file_spec(file_name)])
+    # save_file writes raw memory: every array in C order (copy() keeps 0-d num_batches_tracked 0-d)
+    state = {key: value if value.flags.c_contiguous else value.copy(order="C") for key, value in state.items()}
     _atomic(path, lambda tmp: save_file(state, tmp))
     return path
 

@@ -1,0 +1,101 @@
+"""The lite engine: a weight-free talking-head animator (landmarks + audio-driven motion + image warping).
+
+Same interface as every engine: ``generate(image, audio, options) -> Iterator[Event]``. It is what a fresh install
+runs, and its preview renderer is the one the live session plays while the final frames are made.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Iterator
+
+import numpy as np
+
+from sadtalker.audio import load_audio, num_video_frames
+from sadtalker.events import Done, Event, Frame, MotionReady, Progress
+from sadtalker.image import load_image
+from sadtalker.landmarks import LandmarkDetector, default_detector
+from sadtalker.options import FPS, SAMPLE_RATE, Options
+from sadtalker.video import Mp4Writer
+
+from .motion import Motion, motion_from_audio
+from .warp import PREVIEW_SIZE, CropRenderer, FaceWarper
+
+PROGRESS_EVERY = 5  # render progress is reported at least every this many frames
+
+
+class LitePreview:
+    """The clip's motion rendered on the 128 px face crop (implements sadtalker.events.PreviewRenderer)."""
+
+    def __init__(self, rgb: np.ndarray, points: np.ndarray, motion: Motion, size: int = PREVIEW_SIZE):
+        self.num_frames = motion.num_frames
+        self._motion = motion
+        self._renderer = CropRenderer(rgb, points, size)
+        self._renderer.prepare()  # the preview plays in real time: no frame should wait for set-up
+
+    def render(self, index: int) -> np.ndarray:
+        """(size, size, 3) uint8 of frame ``index`` (clamped to the clip). Thread-safe: no shared mutable state."""
+        index = min(max(int(index), 0), self.num_frames - 1)
+        return self._renderer.render(self._motion.pose(index))
+
+
+class LiteEngine:
+    """Loads the landmark detector once; each ``generate`` call is independent (safe for concurrent jobs)."""
+
+    name = "lite"
+
+    def __init__(self, detector: LandmarkDetector | None = None):
+        self.detector = detector if detector is not None else default_detector()
+
+    def generate(self, image: "str | np.ndarray", audio: str, options: Options) -> Iterator[Event]:
+        """Progress events per stage, one MotionReady, then every Frame (quality "final"), then Done.
+
+        With ``options.output`` set the frames are also encoded (with the audio) into that mp4 as they are made;
+        stopping the iteration early stops ffmpeg and removes the partial file.
+        """
+        options.check()
+        seed = options.seed if options.seed is not None else secrets.randbits(31)
+
+        yield Progress("landmarks", 0, 1, "Finding the face")
+        rgb = load_image(image)
+        face = self.detector.detect(rgb)
+        yield Progress("landmarks", 1, 1, f"Face found ({face.backend} landmarks)")
+
+        yield Progress("audio", 0, 1, "Reading the audio")
+        samples = load_audio(audio, max_seconds=options.max_audio_s)
+        num_frames = num_video_frames(samples.size)
+        duration_s = num_frames / FPS
+        yield Progress("audio", 1, 1, f"{samples.size / SAMPLE_RATE:.1f} s of audio, {num_frames} frames")
+
+        yield Progress("motion", 0, 1, "Computing lip, head and eye motion")
+        motion = motion_from_audio(samples, num_frames, seed=seed, use_blink=options.use_blink)
+        del samples
+        preview = LitePreview(rgb, face.points, motion)
+        yield Progress("motion", 1, 1, "Motion ready")
+        yield MotionReady(num_frames=num_frames, fps=FPS, preview=preview)
+
+        warper = FaceWarper(rgb, face.points)
+        height, width = rgb.shape[:2]
+        writer = None
+        video_path = None
+        try:
+            if options.output:
+                writer = Mp4Writer(options.output, width, height, audio_path=os.fspath(audio), duration_s=duration_s)
+            yield Progress("render", 0, num_frames, "Rendering frames")
+            for index in range(num_frames):
+                frame = warper.render(motion.pose(index))
+                if writer is not None:
+                    writer.write(frame)
+                yield Frame(index=index, time_s=index / FPS, quality="final", rgb=frame)
+                if (index + 1) % PROGRESS_EVERY == 0 or index + 1 == num_frames:
+                    yield Progress("render", index + 1, num_frames, f"Rendered {index + 1}/{num_frames} frames")
+            if writer is not None:
+                yield Progress("encode", 0, 1, "Finishing the video")
+                finishing, writer = writer, None
+                video_path = finishing.close()  # removes the partial file itself if ffmpeg fails
+                yield Progress("encode", 1, 1, "Video ready")
+        finally:
+            if writer is not None:  # stopped (or failed) while frames were still going in: no half-written file
+                writer.abort()
+        yield Done(video_path=video_path, num_frames=num_frames, duration_s=duration_s, engine=self.name)
+

@@ -1,0 +1,158 @@
+"""Audio features of SadTalker: the Wav2Lip-style log-mel spectrogram and its per-video-frame windows.
+
+Faithful to the official ``src/utils/audio.py`` (hparams of ``src/utils/hparams.py``) and the windowing of
+``src/generate_batch.py::get_data``, computed with numpy only (no librosa):
+
+* pre-emphasis ``y[n] = x[n] - 0.97 x[n-1]``;
+* STFT: n_fft 800, hop 200, periodic Hann window of 800, centred with 400 zeros on each side, magnitude;
+* Slaney mel filterbank (80 bands, 55..7600 Hz, area-normalised), as ``librosa.filters.mel`` builds it;
+* dB with floor 1e-5 (min level -100 dB) minus ref level 20 dB, then the symmetric clipped normalisation to [-4, 4];
+* per video frame (25 fps = 640 samples = 3.2 mel frames) a window of 16 mel frames starting 2 video frames early.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import InputError
+from .options import FPS, SAMPLE_RATE
+
+N_FFT = 800
+HOP = 200
+WIN = 800
+NUM_MELS = 80
+FMIN = 55.0
+FMAX = 7600.0
+PREEMPHASIS = 0.97
+MIN_LEVEL_DB = -100.0
+REF_LEVEL_DB = 20.0
+MAX_ABS_VALUE = 4.0
+MEL_FRAMES_PER_SECOND = 80  # SAMPLE_RATE / HOP
+WINDOW_FRAMES = 16  # mel frames per video-frame window (the "syncnet mel step")
+SAMPLES_PER_VIDEO_FRAME = SAMPLE_RATE // FPS  # 640
+
+
+@dataclass(frozen=True)
+class AudioFeatures:
+    """What the audio-to-coefficient networks need from a recording."""
+
+    mel: np.ndarray  # (80, T_mel) float32 normalised log-mel of the cut/padded wav
+    windows: np.ndarray  # (num_frames, 80, 16) float32: the mel window of each video frame
+    num_frames: int  # video frames at 25 fps = int(len(wav) / 640)
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: f / (200/3) below 1 kHz, logarithmic (27 steps per factor 6.4) above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    log_step = np.log(6.4) / 27.0
+    mel = hz / f_sp
+    above = hz >= min_log_hz
+    mel = np.where(above, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / log_step, mel)
+    return mel
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    log_step = np.log(6.4) / 27.0
+    hz = f_sp * mel
+    above = mel >= min_log_mel
+    return np.where(above, min_log_hz * np.exp(log_step * (mel - min_log_mel)), hz)
+
+
+@lru_cache(maxsize=4)
+def mel_filterbank(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, num_mels: int = NUM_MELS,
+                   fmin: float = FMIN, fmax: float = FMAX) -> np.ndarray:
+    """(num_mels, 1 + n_fft // 2) float32 triangular filters on the Slaney mel scale, Slaney area normalisation.
+
+    Same construction as ``librosa.filters.mel(htk=False, norm='slaney')`` (float32, as librosa returns it).
+    """
+    fft_freqs = np.linspace(0.0, sample_rate / 2.0, 1 + n_fft // 2)
+    mel_points = np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), num_mels + 2)
+    band_edges = _mel_to_hz(mel_points)  # (num_mels + 2,) Hz
+    widths = np.diff(band_edges)  # (num_mels + 1,)
+    ramps = band_edges[:, None] - fft_freqs[None, :]  # (num_mels + 2, n_bins)
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (band_edges[2:] - band_edges[:-2]))[:, None]  # each triangle has unit area (in Hz)
+    weights = weights.astype(np.float32)
+    weights.setflags(write=False)
+    return weights
+
+
+def _periodic_hann(length: int) -> np.ndarray:
+    n = np.arange(length, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)
+
+
+def _stft_magnitude(signal: np.ndarray) -> np.ndarray:
+    """|STFT| (1 + N_FFT // 2, 1 + len // HOP) of a float64 signal, centred frames with zero padding."""
+    padded = np.pad(signal, (N_FFT // 2, N_FFT // 2), mode="constant")
+    num_frames = 1 + (len(padded) - N_FFT) // HOP
+    frames = np.lib.stride_tricks.as_strided(
+        padded, shape=(num_frames, N_FFT), strides=(padded.strides[0] * HOP, padded.strides[0]), writeable=False)
+    spectrum = np.fft.rfft(frames * _periodic_hann(WIN), n=N_FFT, axis=1)  # (frames, bins) complex128
+    return np.abs(spectrum).T
+
+
+def melspectrogram(wav: np.ndarray) -> np.ndarray:
+    """(80, 1 + len(wav) // 200) float32 normalised log-mel spectrogram in [-4, 4] (official ``melspectrogram``)."""
+    x = np.asarray(wav, dtype=np.float64).reshape(-1)
+    emphasised = np.empty_like(x)
+    if x.size:
+        emphasised[0] = x[0]
+        emphasised[1:] = x[1:] - PREEMPHASIS * x[:-1]
+    magnitude = _stft_magnitude(emphasised)
+    mel = mel_filterbank() @ magnitude  # float32 filters x float64 magnitudes -> float64, as numpy.dot does
+    min_level = np.exp(MIN_LEVEL_DB / 20.0 * np.log(10.0))  # 1e-5
+    db = 20.0 * np.log10(np.maximum(min_level, mel)) - REF_LEVEL_DB
+    normalised = (2.0 * MAX_ABS_VALUE) * ((db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB)) - MAX_ABS_VALUE
+    return np.clip(normalised, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+
+
+def num_frames_for(num_samples: int) -> int:
+    """Video frames SadTalker makes for ``num_samples`` of 16 kHz audio: int(len / 640) (a partial frame is dropped)."""
+    return int(num_samples / (SAMPLE_RATE / FPS))
+
+
+def window_starts(num_frames: int) -> np.ndarray:
+    """First mel row of each video frame's window: int(80 * ((i - 2) / 25)), truncated toward zero like Python int()."""
+    i = np.arange(num_frames, dtype=np.float64)
+    return np.trunc(float(MEL_FRAMES_PER_SECOND) * ((i - 2.0) / float(FPS))).astype(np.int64)
+
+
+def frame_windows(mel: np.ndarray, num_frames: int) -> np.ndarray:
+    """(num_frames, 80, 16) windows: mel rows start..start+15 of each frame, indices clamped to the spectrogram."""
+    mel = np.asarray(mel)
+    rows = window_starts(num_frames)[:, None] + np.arange(WINDOW_FRAMES)[None, :]  # (num_frames, 16)
+    rows = np.clip(rows, 0, mel.shape[1] - 1)
+    return np.ascontiguousarray(mel[:, rows].transpose(1, 0, 2))  # (80, F, 16) -> (F, 80, 16)
+
+
+def audio_features(wav: np.ndarray) -> AudioFeatures:
+    """Mel spectrogram and per-frame windows of 16 kHz mono audio, as the official ``get_data`` computes them."""
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+    num_frames = num_frames_for(wav.size)
+    if num_frames < 1:
+        raise InputError("The audio is shorter than one video frame (1/25 s). Upload a longer speech recording.")
+    length = num_frames * SAMPLES_PER_VIDEO_FRAME
+    wav = wav[:length] if wav.size >= length else np.pad(wav, (0, length - wav.size))
+    mel = melspectrogram(wav)
+    return AudioFeatures(mel=mel, windows=frame_windows(mel, num_frames), num_frames=num_frames)
+
+
+def idle_features(seconds: float) -> AudioFeatures:
+    """Silent-mode features (the official ``idlemode``): all-zero windows for int(seconds * 25) frames."""
+    num_frames = int(seconds * FPS)
+    if num_frames < 1:
+        raise InputError("The idle animation must last at least one video frame (1/25 s).")
+    windows = np.zeros((num_frames, NUM_MELS, WINDOW_FRAMES), dtype=np.float32)
+    return AudioFeatures(mel=np.zeros((NUM_MELS, 0), dtype=np.float32), windows=windows, num_frames=num_frames)

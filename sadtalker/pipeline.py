@@ -1,0 +1,254 @@
+"""The SadTalker engine: portrait + speech -> talking-head video, with the official networks and options.
+
+Stages (each reported as ``Progress``): landmarks -> crop (preprocess mode) -> 3DMM coefficients of the source ->
+audio -> mel -> motion coefficients (ExpNet + PoseVAE) -> renderer keypoints (``MotionReady``: a motion-true
+128x128 preview can play from here) -> renderer frames -> optional face enhancer -> paste back -> streaming mp4.
+
+A pipeline holds only loaded parts (networks per renderer size, the landmark detector, enhancers); everything about
+one request lives in ``generate``'s frame, so one pipeline serves every job of a process.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+
+from .audio import load_audio
+from .coefficients import audio_to_coefficients, face_coefficients
+from .checkpoints import SadTalkerNetworks, find_checkpoints, load_networks
+from .enhancer import FaceEnhancer, try_load_enhancer
+from .errors import CheckpointError, InputError, NoFaceError
+from .events import Done, Event, Frame, MotionReady, Progress
+from .facerender import FaceRenderer, frame_to_uint8, prepare_render_inputs
+from .image import load_image
+from .keypoint_preview import KeypointPreview
+from .landmarks import LandmarkDetector
+from .mel import audio_features
+from .options import FPS, Options
+from .preprocess import CropResult, PasteBack, crop_portrait
+from .video import Mp4Writer
+
+FACE_ALIGNMENT_SUBDIR = os.path.join("hub", "checkpoints")  # face-alignment weights inside the checkpoint dir
+RECON_BATCH = 16  # reference-video frames per ReconNet call
+
+
+@dataclass(frozen=True)
+class SourceFace:
+    """The portrait prepared for the renderer."""
+
+    crop: CropResult  # renderer source image and how to map frames back
+    coeff: np.ndarray  # (1, 73) float32: expression 64 | angles 3 | translation 3 | crop (s, tx, ty) 3
+    landmarks: np.ndarray  # (68, 2) landmarks in the original portrait
+
+
+class SadTalkerPipeline:
+    """Loads the official networks once; ``generate`` runs one request as a stream of events."""
+
+    name = "sadtalker"
+
+    def __init__(self, checkpoint_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 detector: LandmarkDetector | None = None):
+        self.checkpoint_dir = checkpoint_dir
+        self.device = torch.device(device)
+        self.dtype = dtype
+        weights_dir = os.path.join(checkpoint_dir, FACE_ALIGNMENT_SUBDIR)
+        self.detector = detector or LandmarkDetector("auto", weights_dir=weights_dir)
+        self._networks: dict[int, SadTalkerNetworks] = {}
+        self._enhancers: dict[tuple[str, str | None], tuple[FaceEnhancer | None, tuple[str, ...]]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoints(cls, directory: str = "checkpoints", device: str = "cpu", dtype: torch.dtype | None = None,
+                         detector: LandmarkDetector | None = None) -> "SadTalkerPipeline":
+        """Load the networks of the first available renderer size (256, else 512); the other loads on first use.
+
+        Raises CheckpointError naming the missing or broken file.
+        """
+        if dtype is None:
+            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        pipeline = cls(directory, device, dtype, detector)
+        sizes = pipeline.available_sizes()
+        if not sizes:
+            find_checkpoints(directory, 256)  # raises the explanatory CheckpointError
+        pipeline.networks(sizes[0])
+        return pipeline
+
+    # --- loaded parts ------------------------------------------------------------------------------------------
+
+    def available_sizes(self) -> tuple[int, ...]:
+        """Renderer sizes whose checkpoint files are present."""
+        sizes = []
+        for size in (256, 512):
+            try:
+                find_checkpoints(self.checkpoint_dir, size)
+            except CheckpointError:
+                continue
+            sizes.append(size)
+        return tuple(sizes)
+
+    def networks(self, size: int) -> SadTalkerNetworks:
+        with self._lock:
+            if size not in self._networks:
+                self._networks[size] = load_networks(self.checkpoint_dir, size, self.device, self.dtype)
+            return self._networks[size]
+
+    def _enhancer(self, options: Options) -> tuple[FaceEnhancer | None, tuple[str, ...]]:
+        if options.enhancer is None and options.background_enhancer is None:
+            return None, ()
+        key = (options.enhancer or "gfpgan", options.background_enhancer)
+        with self._lock:
+            if key not in self._enhancers:
+                if options.enhancer is None:  # background only: still needs the face path's upscaling
+                    self._enhancers[key] = (None, ("The background enhancer runs together with a face enhancer; "
+                                                   "choose GFPGAN or RestoreFormer to use it.",))
+                else:
+                    enhancer, warnings = try_load_enhancer(options.enhancer, self.checkpoint_dir,
+                                                           background=options.background_enhancer,
+                                                           device=self.device)
+                    self._enhancers[key] = (enhancer, tuple(warnings))
+            return self._enhancers[key]
+
+    # --- one request -------------------------------------------------------------------------------------------
+
+    def generate(self, image, audio: str, options: Options) -> Iterator[Event]:
+        """Run one request; stop iterating to cancel (the partial mp4 is removed)."""
+        options = options.check()
+        if options.size not in self.available_sizes():
+            raise InputError(f"The {options.size}x{options.size} SadTalker weights "
+                             f"(SadTalker_V0.0.2_{options.size}.safetensors) are not in {self.checkpoint_dir}; "
+                             f"choose size {' or '.join(map(str, self.available_sizes()))} or add that file.")
+        rgb = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 \
+            else load_image(image)
+        nets = self.networks(options.size)
+
+        yield Progress("landmarks", 0, 1, "Finding the face")
+        face = self.detector.detect(rgb)
+        yield Progress("crop", 0, 1, f"Cropping the face ({options.preprocess})")
+        crop = crop_portrait(rgb, face.points, options.preprocess, options.size)
+        yield Progress("3dmm", 0, 1, "Reconstructing the 3-D face")
+        source = SourceFace(crop=crop, coeff=self._image_coefficients(crop.image, nets)[None], landmarks=face.points)
+
+        yield Progress("audio", 0, 1, "Reading the audio")
+        wav = load_audio(audio, options.max_audio_s)
+        features = audio_features(wav)
+        ref_eyeblink = ref_pose = None
+        if options.ref_eyeblink:
+            yield Progress("reference", 0, 1, "Reading the eye-blink reference video")
+            ref_eyeblink = self._video_coefficients(options.ref_eyeblink, features.num_frames, options, nets)
+        if options.ref_pose:
+            yield Progress("reference", 0, 1, "Reading the head-pose reference video")
+            ref_pose = ref_eyeblink if options.ref_pose == options.ref_eyeblink else \
+                self._video_coefficients(options.ref_pose, features.num_frames, options, nets)
+
+        yield Progress("motion", 0, 1, "Predicting expression and head motion from the audio")
+        motion = audio_to_coefficients(nets.audio2exp, nets.audio2pose, features, source.coeff,
+                                       pose_style=options.pose_style, use_blink=options.use_blink, seed=options.seed,
+                                       ref_eyeblink_coeffs=ref_eyeblink, ref_pose_coeffs=ref_pose)
+        inputs = prepare_render_inputs(crop.image, source.coeff, motion.coeffs, preprocess=options.preprocess,
+                                       still=options.still, expression_scale=options.expression_scale,
+                                       input_yaw=options.input_yaw, input_pitch=options.input_pitch,
+                                       input_roll=options.input_roll, size=options.size)
+        renderer = FaceRenderer(nets.kp_extractor, nets.generator, nets.mapping_crop, nets.mapping_still)
+        keypoints = renderer.keypoints(inputs)
+        num_frames = inputs.num_frames
+        yield MotionReady(num_frames=num_frames, fps=float(FPS),
+                          preview=KeypointPreview(crop.image, keypoints.source, keypoints.driving))
+
+        enhancer, warnings = self._enhancer(options)
+        for warning in warnings:
+            yield Progress("enhancer", 0, 0, warning)
+        yield from self._render(renderer, inputs, source, rgb, audio, options, enhancer, warnings)
+
+    def _render(self, renderer: FaceRenderer, inputs, source: SourceFace, rgb: np.ndarray, audio: str,
+                options: Options, enhancer: FaceEnhancer | None, warnings: tuple[str, ...]) -> Iterator[Event]:
+        num_frames = inputs.num_frames
+        duration = num_frames / FPS
+        paste = PasteBack(rgb, source.crop)
+        frame_landmarks = source.crop.to_frame_coords(source.landmarks)
+        writer: Mp4Writer | None = None
+        yield Progress("render", 0, num_frames, f"Rendering {num_frames} frames at {options.size}x{options.size}")
+        try:
+            for index, rendered in enumerate(renderer.frames(inputs, batch_size=options.batch_size)):
+                frame = paste(frame_to_uint8(rendered))
+                if enhancer is not None:
+                    frame = enhancer.enhance(frame, self._frame_landmarks(frame, frame_landmarks))
+                if options.output is not None and writer is None:
+                    writer = Mp4Writer(options.output, frame.shape[1], frame.shape[0], audio_path=audio,
+                                       duration_s=duration)
+                if writer is not None:
+                    writer.write(frame)
+                yield Frame(index=index, time_s=index / FPS, quality="final", rgb=frame)
+                yield Progress("render", index + 1, num_frames, f"Rendered {index + 1}/{num_frames} frames")
+            if writer is not None:
+                yield Progress("encode", 0, 1, "Finishing the video")
+                writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        yield Done(video_path=options.output if writer is not None else None, num_frames=num_frames,
+                   duration_s=duration, engine=self.name, warnings=warnings)
+
+    def _frame_landmarks(self, frame: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        """The face's landmarks in an output frame (the head moves a little from the source's position)."""
+        try:
+            return self.detector.detect(frame).points
+        except NoFaceError:
+            return fallback
+
+    # --- 3DMM coefficients -------------------------------------------------------------------------------------
+
+    def _image_coefficients(self, crop_rgb: np.ndarray, nets: SadTalkerNetworks) -> np.ndarray:
+        """(73,) coefficients of a renderer-sized face crop (landmarks detected again on the crop, as the official)."""
+        return self._coefficients([crop_rgb], nets)[0]
+
+    def _coefficients(self, crops: list[np.ndarray], nets: SadTalkerNetworks) -> np.ndarray:
+        """(F, 73) coefficients of face crops; a crop where no face is found uses the standard face (official)."""
+        landmarks = []
+        for crop in crops:
+            try:
+                landmarks.append(self.detector.detect(crop).points)
+            except NoFaceError:
+                landmarks.append(None)
+        return face_coefficients(nets.face_recon, crops, landmarks, batch_size=RECON_BATCH).coeff_3dmm
+
+    def _video_coefficients(self, path: str, num_frames: int, options: Options, nets: SadTalkerNetworks) -> np.ndarray:
+        """(F, 73) coefficients of up to ``num_frames`` frames of a reference video, cropped like the portrait.
+
+        The crop box comes from the first frame's face (as the official); frames are cropped as they are decoded,
+        so only the small crops are kept.
+        """
+        mode = "extcrop" if options.preprocess.startswith("ext") else "crop"
+        crops, face = [], None
+        for frame in _video_frames(path, num_frames):
+            if face is None:
+                face = self.detector.detect(frame)
+            crops.append(crop_portrait(frame, face.points, mode, options.size).image)
+        if not crops:
+            raise InputError(f"The reference video {os.path.basename(path)} has no frames.")
+        return self._coefficients(crops, nets)
+
+
+def _video_frames(path: str, limit: int) -> Iterator[np.ndarray]:
+    """Up to ``limit`` RGB frames of a video file, one at a time."""
+    if not os.path.isfile(path):
+        raise InputError(f"Reference video {path!r} was not found.")
+    try:
+        reader = imageio_ffmpeg.read_frames(path)
+        meta = next(reader)
+    except (OSError, RuntimeError, StopIteration) as exc:
+        raise InputError(f"Could not read the reference video {os.path.basename(path)} ({exc}); "
+                         "use an mp4 or another common video format.") from None
+    width, height = meta["size"]
+    try:
+        for count, raw in enumerate(reader):
+            if count >= limit:
+                break
+            yield np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+    finally:
+        reader.close()

@@ -1,0 +1,251 @@
+"""The live-frame broadcaster against a real websockets server on port 0 and real clients."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from websockets.sync.client import connect
+
+from preview.broadcaster import Broadcaster
+
+
+@pytest.fixture
+def broadcaster():
+    server = Broadcaster(port=0).start()
+    yield server
+    server.stop()
+
+
+def solid(colour, size=(48, 64)) -> np.ndarray:
+    frame = np.zeros((*size, 3), np.uint8)
+    frame[:] = colour
+    return frame
+
+
+def decode(message: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(message["jpeg"]))).convert("RGB"))
+
+
+def receive(ws, timeout=5.0) -> dict:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def receive_until(ws, predicate, timeout=5.0) -> list[dict]:
+    """All messages up to and including the first one that matches."""
+    seen, deadline = [], time.monotonic() + timeout
+    while True:
+        message = receive(ws, max(0.01, deadline - time.monotonic()))
+        seen.append(message)
+        if predicate(message):
+            return seen
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_binds_localhost_by_default(broadcaster):
+    assert broadcaster.host == "127.0.0.1"
+    assert broadcaster.port > 0
+    assert broadcaster.url == f"ws://127.0.0.1:{broadcaster.port}/"
+    with connect(broadcaster.url) as ws:
+        hello = receive(ws)
+    assert hello["type"] == "hello" and hello["job"] is None
+
+
+def test_busy_port_gives_a_clear_error(broadcaster):
+    with pytest.raises(OSError, match="--ws-port"):
+        Broadcaster(port=broadcaster.port).start()
+
+
+def test_late_joiner_gets_status_progress_and_latest_frame_at_once(broadcaster):
+    broadcaster.publish_status("job1", "render", "Rendering frames")
+    broadcaster.publish_progress("job1", 3, 10, 1.5)
+    broadcaster.publish_frame("job1", 0, 0.0, "preview", solid((255, 0, 0)))
+    broadcaster.publish_frame("job1", 1, 0.04, "final", solid((0, 0, 255)))
+    wait_for(lambda: broadcaster.frames_encoded + broadcaster.frames_dropped_before_encoding == 2)
+    time.sleep(0.05)  # let the loop thread store the encoded frame
+
+    with connect(broadcaster.url) as ws:
+        started = time.monotonic()
+        messages = [receive(ws) for _ in range(4)]
+        elapsed = time.monotonic() - started
+    assert [m["type"] for m in messages] == ["hello", "status", "progress", "frame"]
+    assert all(m["job"] == "job1" for m in messages)
+    assert messages[1]["stage"] == "render" and messages[1]["message"] == "Rendering frames"
+    assert (messages[2]["done"], messages[2]["total"], messages[2]["eta_s"]) == (3, 10, 1.5)
+    frame = messages[3]
+    assert (frame["seq"], frame["quality"], frame["width"], frame["height"]) == (1, "final", 64, 48)
+    pixels = decode(frame)
+    assert pixels.shape == (48, 64, 3)
+    assert pixels[..., 2].mean() > 200 and pixels[..., 0].mean() < 40  # the blue (latest) frame
+    assert elapsed < 1.0
+
+
+def test_late_joiner_after_the_job_finished_gets_done(broadcaster):
+    broadcaster.publish_status("job1", "done", "Finished")
+    broadcaster.publish_done("job1", "/outputs/job1/video.mp4", 4.2, "lite", 105)
+    time.sleep(0.05)
+    with connect(broadcaster.url) as ws:
+        messages = receive_until(ws, lambda m: m["type"] == "done")
+    done = messages[-1]
+    assert done == {"type": "done", "job": "job1", "video_url": "/outputs/job1/video.mp4", "duration_s": 4.2,
+                    "engine": "lite", "num_frames": 105}
+
+
+def test_each_frame_is_encoded_once_whatever_the_number_of_viewers(broadcaster):
+    with contextlib.ExitStack() as stack:
+        viewers = [stack.enter_context(connect(broadcaster.url)) for _ in range(5)]
+        for ws in viewers:
+            assert receive(ws)["type"] == "hello"
+        for seq in range(10):
+            broadcaster.publish_frame("job1", seq, seq / 25, "idle", solid((seq * 20, 0, 0)))
+            time.sleep(0.02)
+        for ws in viewers:
+            last = receive_until(ws, lambda m: m["type"] == "frame" and m["seq"] == 9)[-1]
+            assert abs(int(decode(last)[..., 0].mean()) - 180) < 8
+        assert broadcaster.frames_encoded + broadcaster.frames_dropped_before_encoding == 10
+        assert broadcaster.frames_encoded <= 10
+
+
+def test_slow_viewer_gets_only_latest_frames_and_never_slows_the_producer(broadcaster):
+    noise = np.random.default_rng(0).integers(0, 256, (384, 384, 3), dtype=np.uint8)  # ~100 kB JPEG each
+    fast_received: list[dict] = []
+
+    # A slow viewer: a raw TCP socket that completes the handshake and then does not read at all.
+    # A small receive buffer keeps the kernel from absorbing megabytes of frames on its behalf.
+    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    slow.connect(("127.0.0.1", broadcaster.port))
+    slow.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert b"101" in slow.recv(4096).split(b"\r\n")[0]
+
+    with connect(broadcaster.url) as fast:
+        receive(fast)
+        wait_for(lambda: broadcaster.viewer_count == 2)
+
+        def read_fast():
+            while True:
+                message = receive(fast, 10)
+                fast_received.append(message)
+                if message["type"] == "frame" and message["seq"] == 299:
+                    return
+
+        reader = threading.Thread(target=read_fast)
+        reader.start()
+        started = time.monotonic()
+        for seq in range(300):
+            frame = noise.copy()
+            frame[:8, :8] = seq % 256
+            broadcaster.publish_frame("job1", seq, seq / 25, "final", frame)
+            time.sleep(0.004)
+        publish_time = time.monotonic() - started
+        reader.join(20)
+        assert not reader.is_alive(), "the fast viewer did not get the last frame"
+
+    # Publishing never waited for the stalled viewer: 300 calls with 4 ms sleeps take ~1.2 s.
+    assert publish_time < 3.0
+    # The fast viewer got frames in order and the very last one.
+    seqs = [m["seq"] for m in fast_received if m["type"] == "frame"]
+    assert seqs == sorted(seqs) and seqs[-1] == 299
+    # The stalled viewer holds at most one queued message per kind at the server, however far behind it is.
+    wait_for(lambda: broadcaster.viewer_count == 1)
+    assert all(len(viewer.pending) <= 1 for viewer in list(broadcaster._viewers))
+
+    # When the slow viewer finally reads, it catches up to the latest frame instead of replaying all 300.
+    slow.settimeout(5)
+    data = b""
+    deadline = time.monotonic() + 10
+    while b'"seq":299' not in data and time.monotonic() < deadline:
+        data += slow.recv(1 << 20)
+    slow.close()
+    assert b'"seq":299' in data
+    assert data.count(b'"type":"frame"') < 150
+
+
+def test_malformed_client_messages_are_ignored_and_logged(broadcaster, caplog):
+    caplog.set_level(logging.WARNING, logger="preview.broadcaster")
+    with connect(broadcaster.url) as ws:
+        receive(ws)
+        for bad in ["not json", "[1, 2]", '{"no": "type"}', '{"type": 5}', '{"type": "follow", "job": 5}',
+                    '{"type": "launch-missiles"}', b"\xff\xfe\x00binary"]:
+            ws.send(bad)
+        ws.send('{"type": "ping"}')
+        assert receive(ws)["type"] == "pong"  # still connected and answering after all that
+        broadcaster.publish_status("job1", "idle", "Animating the face")
+        assert receive(ws)["type"] == "status"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("ignored" in w for w in warnings) >= 7
+
+
+def test_two_jobs_at_once_never_mix_frames(broadcaster):
+    red, blue = solid((255, 0, 0)), solid((0, 0, 255))
+    with contextlib.ExitStack() as stack:
+        follow1, follow2, latest = (stack.enter_context(connect(broadcaster.url)) for _ in range(3))
+        for ws in (follow1, follow2, latest):
+            receive(ws)
+        follow1.send(json.dumps({"type": "follow", "job": "job1"}))
+        follow2.send(json.dumps({"type": "follow", "job": "job2"}))
+        assert receive(follow1) == {"type": "hello", "job": "job1", "protocol": 1, "following": "job"}
+        assert receive(follow2)["job"] == "job2"
+
+        broadcaster.publish_status("job1", "idle", "one")
+        time.sleep(0.05)
+        broadcaster.publish_status("job2", "idle", "two")  # job2 is now the latest job
+        time.sleep(0.05)
+
+        def produce(job, colour):
+            for seq in range(40):
+                broadcaster.publish_frame(job, seq, seq / 25, "preview", colour)
+                time.sleep(0.005)
+            broadcaster.publish_done(job, f"/outputs/{job}/video.mp4", 1.6, "lite", 40)
+
+        threads = [threading.Thread(target=produce, args=("job1", red)),
+                   threading.Thread(target=produce, args=("job2", blue))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        got1 = receive_until(follow1, lambda m: m["type"] == "done")
+        got2 = receive_until(follow2, lambda m: m["type"] == "done")
+        got_latest = receive_until(latest, lambda m: m["type"] == "done" and m["job"] == "job2")
+    assert {m["job"] for m in got1} == {"job1"}
+    assert {m["job"] for m in got2} == {"job2"}
+    for m in got1:
+        if m["type"] == "frame":
+            assert decode(m)[..., 0].mean() > 200 and decode(m)[..., 2].mean() < 40
+    for m in got2:
+        if m["type"] == "frame":
+            assert decode(m)[..., 2].mean() > 200 and decode(m)[..., 0].mean() < 40
+    # The latest-job viewer switched to job2 when it started and saw nothing of job1 after that.
+    switch = next(i for i, m in enumerate(got_latest) if m["job"] == "job2")
+    assert all(m["job"] == "job2" for m in got_latest[switch:])
+    assert any(m["type"] == "frame" for m in got_latest[switch:])
+
+
+def test_follow_a_job_that_starts_later_and_back_to_latest(broadcaster):
+    with connect(broadcaster.url) as ws:
+        receive(ws)
+        ws.send(json.dumps({"type": "follow", "job": "future"}))
+        assert receive(ws)["job"] == "future"
+        broadcaster.publish_status("other", "idle", "not followed")
+        broadcaster.publish_status("future", "idle", "followed")
+        assert receive(ws)["message"] == "followed"
+        ws.send(json.dumps({"type": "follow", "job": None}))
+        hello = receive(ws)
+        assert hello["following"] == "latest" and hello["job"] == "future"

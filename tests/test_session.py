@@ -1,0 +1,327 @@
+"""The live session's display policy, progress, errors and cancelling, seen by a real viewer over WebSocket.
+
+The engine is the pace-controlled ScriptedEngine (conftest.py): it lets a test make the final renderer slower or
+faster than real time, which is what the policy is about. Frames carry their index in the red channel and their
+kind in the colour (grey idle, green preview, blue final), so the test checks what the viewer was actually shown.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+from websockets.sync.client import connect
+
+from conftest import ScriptedEngine, ScriptedIdle, decode_code
+from preview.broadcaster import Broadcaster
+from preview.engines import SADTALKER_REQUIRED, choose_engine
+from preview.session import Job, Studio, new_job_id, run_headless
+from sadtalker.audio import ffmpeg_exe, write_wav
+from sadtalker.errors import InputError
+from sadtalker.options import Options
+
+
+@pytest.fixture
+def broadcaster():
+    server = Broadcaster(port=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    image = tmp_path / "face.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(image)
+    audio = tmp_path / "speech.wav"
+    t = np.arange(16000 * 2) / 16000
+    write_wav(str(audio), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    return str(image), str(audio)
+
+
+class Recorder:
+    """A viewer in a thread: keeps every message (frames decoded to their kind and index)."""
+
+    def __init__(self, url: str):
+        self.messages: list[dict] = []
+        self._stack = contextlib.ExitStack()
+        self._ws = self._stack.enter_context(connect(url))
+        assert json.loads(self._ws.recv(timeout=5))["type"] == "hello"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            while True:
+                message = json.loads(self._ws.recv())
+                message["received_at"] = time.monotonic()
+                if message["type"] == "frame":
+                    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(message.pop("jpeg")))).convert("RGB"))
+                    red, green, blue = (float(pixels[..., c].mean()) for c in range(3))
+                    message["kind"] = "idle" if abs(green - 128) < 20 and abs(blue - 128) < 20 else (
+                        "preview" if green > 150 else "final")
+                    message["code"] = decode_code(red)
+                    message["blue"] = blue
+                self.messages.append(message)
+        except Exception:
+            pass
+
+    def wait_for(self, predicate, timeout=20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in list(self.messages):
+                if predicate(message):
+                    return message
+            time.sleep(0.02)
+        raise AssertionError(f"no matching message; got types {[m['type'] for m in self.messages][-20:]}")
+
+    def frames(self):
+        return [m for m in self.messages if m["type"] == "frame"]
+
+    def close(self):
+        self._stack.close()
+
+
+def start_job(engine, inputs, broadcaster, tmp_path, options=Options()) -> Job:
+    job_id = new_job_id()
+    out_dir = tmp_path / "outputs" / job_id
+    out_dir.mkdir(parents=True)
+    options = Options(**{**options.__dict__, "output": str(out_dir / "video.mp4")})
+    return Job(job_id, engine, inputs[0], inputs[1], options, str(out_dir), f"/outputs/{job_id}/video.mp4",
+               broadcaster, idle_animator_factory=ScriptedIdle).start()
+
+
+def mp4_streams(path: str) -> str:
+    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+
+
+def count_frames(path: str) -> int:
+    proc = subprocess.run([ffmpeg_exe(), "-i", path, "-map", "0:v:0", "-c", "copy", "-f", "null", "-"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stderr.rsplit("frame=", 1)[1].split()[0])
+
+
+def kinds_in_order(frames) -> list[str]:
+    runs = []
+    for frame in frames:
+        if not runs or runs[-1] != frame["kind"]:
+            runs.append(frame["kind"])
+    return runs
+
+
+def test_slow_renderer_idle_then_preview_plays_through_then_final_frames_then_done(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(num_frames=20, final_fps=12, motion_delay_s=0.3)
+    job = start_job(engine, inputs, broadcaster, tmp_path)
+    done = viewer.wait_for(lambda m: m["type"] in ("done", "error"))
+    viewer.close()
+    assert done["type"] == "done", done
+    assert done == {**done, "job": job.id, "video_url": f"/outputs/{job.id}/video.mp4", "engine": "lite",
+                    "num_frames": 20}
+    frames = viewer.frames()
+    assert all(f["job"] == job.id and f["quality"] == f["kind"] for f in frames)
+    # idle while the motion is computed, then the preview, then the final frames: each phase once, no flicker
+    assert kinds_in_order(frames) == ["idle", "preview", "final"]
+    preview = [f for f in frames if f["kind"] == "preview"]
+    final = [f for f in frames if f["kind"] == "final"]
+    # The renderer (12 fps) is slower than the preview (25 fps): the preview plays through its 20 frames first.
+    assert [f["code"] for f in preview[:20]] == list(range(20))
+    assert [f["code"] for f in final] == sorted(f["code"] for f in final) and final[-1]["code"] == 19
+    # the preview is paced in real time: 20 frames take ~0.8 s
+    span = preview[19]["received_at"] - preview[0]["received_at"]
+    assert 0.6 < span < 1.6, span
+    video = job.snapshot().video_path
+    assert video and os.path.isfile(video)
+    assert count_frames(video) == 20
+    assert "Audio: aac" in mp4_streams(video) and "Video: h264" in mp4_streams(video)
+
+
+def test_preview_loops_until_the_first_final_frame_exists(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(num_frames=10, final_fps=25, motion_delay_s=0.05, first_frame_delay_s=1.2)
+    start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "done")
+    viewer.close()
+    frames = viewer.frames()
+    assert kinds_in_order(frames) == ["idle", "preview", "final"] or kinds_in_order(frames) == ["preview", "final"]
+    codes = [f["code"] for f in frames if f["kind"] == "preview"]
+    wraps = sum(1 for a, b in zip(codes, codes[1:]) if b < a)
+    assert wraps >= 2, codes  # 10 frames (0.4 s) looped for the 1.2 s until the first final frame
+
+
+def test_fast_renderer_replaces_the_preview_at_once_and_viewers_get_at_most_25_fps(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(num_frames=150, final_fps=100, motion_delay_s=0.05)
+    job = start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "done")
+    viewer.close()
+    frames = viewer.frames()
+    runs = kinds_in_order(frames)
+    assert runs[-2:] == ["preview", "final"] and runs.count("preview") == 1
+    # the engine made (and the mp4 got) every frame; viewers got a 25 fps selection of them
+    assert engine.frames_made == 150 and count_frames(job.snapshot().video_path) == 150
+    final = [f for f in frames if f["kind"] == "final"]
+    span = final[-1]["received_at"] - final[0]["received_at"]
+    assert len(final) < 150
+    assert len(final) <= 25 * span + 3, (len(final), span)
+    assert final[-1]["code"] == decode_code(12 + (149 * 6) % 240)  # the last frame is what stays on screen
+
+
+def test_cancel_closes_the_engine_stops_ffmpeg_and_leaves_no_file(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(num_frames=500, final_fps=40, motion_delay_s=0.05)
+    job = start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "frame" and m["kind"] == "final")
+    assert any(p.name().startswith("ffmpeg") for p in psutil.Process().children(recursive=True))
+    job.cancel()
+    assert job.wait(5)
+    assert engine.closed
+    assert not os.path.exists(job.out_dir)
+    assert not any(p.name().startswith("ffmpeg") for p in psutil.Process().children(recursive=True))
+    status = viewer.wait_for(lambda m: m["type"] == "status" and m["stage"] == "cancelled")
+    assert status["job"] == job.id
+    assert job.snapshot().state == "cancelled"
+    time.sleep(0.2)
+    assert not any(m["type"] in ("done", "error") for m in viewer.messages)
+    viewer.close()
+
+
+def test_a_user_error_from_the_engine_is_reported_and_nothing_is_kept(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(num_frames=50, fail_at=5, error=InputError("The audio is silent. Record some speech."))
+    job = start_job(engine, inputs, broadcaster, tmp_path)
+    error = viewer.wait_for(lambda m: m["type"] == "error")
+    assert error == {**error, "job": job.id, "message": "The audio is silent. Record some speech."}
+    assert job.wait(5)
+    snap = job.snapshot()
+    assert (snap.state, snap.user_error, snap.error) == ("error", True, "The audio is silent. Record some speech.")
+    assert not os.path.exists(job.out_dir)
+    assert engine.closed
+    viewer.close()
+
+
+def test_an_unexpected_engine_failure_is_logged_with_its_traceback(broadcaster, inputs, tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="preview.session")
+    engine = ScriptedEngine(num_frames=50, fail_at=3, error=ZeroDivisionError("division by zero"))
+    job = start_job(engine, inputs, broadcaster, tmp_path)
+    assert job.wait(10)
+    snap = job.snapshot()
+    assert snap.state == "error" and not snap.user_error
+    assert "ZeroDivisionError" in snap.error and "server log" in snap.error
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+def test_not_an_image_fails_fast_with_a_clear_message(broadcaster, inputs, tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not a picture")
+    engine = ScriptedEngine(num_frames=50)
+    started = time.monotonic()
+    job = start_job(engine, (str(not_image), inputs[1]), broadcaster, tmp_path)
+    assert job.wait(5)
+    assert time.monotonic() - started < 3
+    snap = job.snapshot()
+    assert snap.state == "error" and snap.user_error and "Could not read the image" in snap.error
+
+
+def test_progress_counts_frames_and_the_eta_follows_the_measured_rate(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(num_frames=75, final_fps=25, motion_delay_s=0.05)
+    start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "done")
+    viewer.close()
+    render = [m for m in viewer.messages if m["type"] == "progress" and m["stage"] == "render"]
+    assert render[-1]["done"] == render[-1]["total"] == 75
+    middle = [m for m in render if 30 <= m["done"] <= 45 and m["eta_s"] is not None]
+    assert middle, render
+    for m in middle:  # 25 frames per second: the remaining frames take (75 - done) / 25 s
+        assert abs(m["eta_s"] - (75 - m["done"]) / 25) < 0.6, m
+    assert len(render) < 40  # throttled to ~10 per second, not one per frame
+
+
+def test_a_slow_engine_gets_an_eta_from_its_first_frame(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    # 0.25 s a frame, like a slow renderer whose first frame comes well after the motion
+    engine = ScriptedEngine(num_frames=6, final_fps=4, motion_delay_s=0.05, first_frame_delay_s=0.25)
+    start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "done")
+    viewer.close()
+    first = next(m for m in viewer.messages if m["type"] == "progress" and m["done"] == 1)
+    assert first["eta_s"] is not None and 0.8 < first["eta_s"] < 2.5, first  # 5 frames left at ~4 per second
+
+
+def test_two_jobs_at_once_each_viewer_sees_only_its_job(broadcaster, inputs, tmp_path):
+    first = start_job(ScriptedEngine(num_frames=60, final_fps=30, tint=230), inputs, broadcaster, tmp_path)
+    viewer1 = Recorder(broadcaster.url)
+    viewer1._ws.send(json.dumps({"type": "follow", "job": first.id}))
+    viewer1.wait_for(lambda m: m["type"] == "hello" and m["following"] == "job")
+    viewer1.messages.clear()  # from here on it follows the first job only
+    second = start_job(ScriptedEngine(num_frames=60, final_fps=30, tint=60), inputs, broadcaster, tmp_path)
+    viewer2 = Recorder(broadcaster.url)  # follows the latest job: the second one
+    assert first.wait(10) and second.wait(10)
+    viewer1.wait_for(lambda m: m["type"] == "done")
+    viewer2.wait_for(lambda m: m["type"] == "done")
+    viewer1.close(), viewer2.close()
+    messages1 = [m for m in viewer1.messages if m["type"] != "hello"]
+    messages2 = [m for m in viewer2.messages if m["type"] != "hello"]
+    assert {m["job"] for m in messages1} == {first.id}
+    assert {m["job"] for m in messages2} == {second.id}
+    assert all(m["blue"] > 200 for m in messages1 if m["type"] == "frame" and m["kind"] == "final")
+    assert all(m["blue"] < 90 for m in messages2 if m["type"] == "frame" and m["kind"] == "final")
+
+
+def test_job_updates_end_with_the_result_for_the_page(inputs, tmp_path):
+    job = start_job(ScriptedEngine(num_frames=30, final_fps=60), inputs, None, tmp_path)
+    snapshots = list(job.updates(max_fps=50))
+    last = snapshots[-1]
+    assert last.state == "done" and last.video_path.endswith("video.mp4") and os.path.isfile(last.video_path)
+    assert last.video_url == f"/outputs/{job.id}/video.mp4"
+    seqs = [s.frame.seq for s in snapshots if s.frame is not None]
+    assert seqs == sorted(seqs) and len(set(seqs)) > 3
+    assert {s.frame.quality for s in snapshots if s.frame is not None} >= {"preview", "final"}
+
+
+def test_studio_checks_the_request_before_starting(inputs, tmp_path):
+    studio = Studio(None, outputs_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "checkpoints"))
+    with pytest.raises(InputError, match="portrait"):
+        studio.start(None, inputs[1])
+    with pytest.raises(InputError, match="speech"):
+        studio.start(inputs[0], "")
+    with pytest.raises(InputError, match="pose style"):
+        studio.start(*inputs, options=Options(pose_style=46))
+    with pytest.raises(InputError, match="SadTalker engine cannot run.*no SadTalker weights"):
+        studio.start(*inputs, engine="sadtalker")
+    with pytest.raises(InputError, match="engine must be one of"):
+        studio.start(*inputs, engine="fast")
+    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+
+
+def test_engine_choice_explains_itself(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    choice = choose_engine("auto", str(empty))
+    assert choice.name == "lite" and "no SadTalker weights" in choice.reason and not choice.honours_sadtalker_options
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / SADTALKER_REQUIRED[0]).write_bytes(b"")
+    choice = choose_engine("auto", str(partial))
+    assert choice.name == "lite" and "incomplete" in choice.reason and SADTALKER_REQUIRED[1] in choice.reason
+    assert choose_engine("lite", str(partial)).name == "lite"
+
+
+def test_run_headless_draws_progress_and_returns_the_result(inputs, tmp_path):
+    output = tmp_path / "out.mp4"
+    stream = io.StringIO()
+    done = run_headless(ScriptedEngine(num_frames=40, final_fps=200), *inputs, Options(output=str(output)), stream)
+    assert done.video_path == str(output) and output.is_file()
+    text = stream.getvalue()
+    assert "render" in text and "40/40" in text and "by the lite engine" in text
