@@ -76,16 +76,16 @@ def run(pipeline, image, audio, options):
 @pytest.mark.parametrize("preprocess, still", [("crop", False), ("extcrop", False), ("resize", False),
                                                ("full", False), ("extfull", False), ("crop", True)])
 def test_every_preprocess_mode_makes_a_video_with_sound(pipeline, tmp_path, preprocess, still):
-    audio = speech_clip(tmp_path / "clip.wav", 0.12)  # 1920 samples -> int(1920 / 640) = 3 frames
+    audio = speech_clip(tmp_path / "clip.wav", 0.08)  # 1280 samples -> int(1280 / 640) = 2 frames
     output = str(tmp_path / "out.mp4")
     events = run(pipeline, PORTRAIT, audio, Options(output=output, preprocess=preprocess, still=still, seed=3,
-                                                    batch_size=1))
+                                                    batch_size=2 if still else 1))
     stages = [e.stage for e in events if isinstance(e, Progress)]
     for stage in ("landmarks", "crop", "3dmm", "audio", "motion", "render"):
         assert stage in stages
     frames = [e for e in events if isinstance(e, Frame)]
     done = events[-1]
-    assert [f.index for f in frames] == [0, 1, 2] and done.num_frames == 3
+    assert [f.index for f in frames] == [0, 1] and done.num_frames == 2
     assert all(f.quality == "final" for f in frames)
     photo = load_image(PORTRAIT)
     height, width = frames[0].rgb.shape[:2]
@@ -101,7 +101,7 @@ def test_every_preprocess_mode_makes_a_video_with_sound(pipeline, tmp_path, prep
         assert width == 256 and 200 <= height <= 320
     assert done.video_path == output and done.engine == "sadtalker"
     count, size, has_audio = probe(output)
-    assert count == 3 and has_audio
+    assert count == 2 and has_audio
     assert size == (width + width % 2, height + height % 2)
 
 
@@ -174,10 +174,13 @@ def test_enhancer_runs_on_a_synthetic_gfpgan(pipeline, tmp_path):
 
 def test_missing_enhancer_weights_warn_and_continue(pipeline, tmp_path):
     audio = speech_clip(tmp_path / "clip.wav", 0.05)
-    events = run(pipeline, PORTRAIT, audio, Options(output=str(tmp_path / "out.mp4"), enhancer="RestoreFormer"))
+    options = Options(output=str(tmp_path / "out.mp4"), enhancer="RestoreFormer")
+    stream = pipeline.generate(PORTRAIT, audio, options)
+    warning = next(e for e in stream if isinstance(e, Progress) and e.stage == "enhancer")
+    assert "RestoreFormer" in warning.message and "continu" in warning.message.lower()
+    events = list(stream)
     done = events[-1]
-    assert len(done.warnings) == 1 and "RestoreFormer" in done.warnings[0]
-    assert any(isinstance(e, Progress) and e.stage == "enhancer" for e in events)
+    assert isinstance(done, Done) and done.warnings == (warning.message,)
     assert os.path.isfile(done.video_path)
     assert [e for e in events if isinstance(e, Frame)][0].rgb.shape[1] == 256, "no enhancement, no upscale"
 
@@ -194,14 +197,15 @@ def test_bad_options_and_inputs_fail_before_any_work(pipeline, tmp_path):
 
 
 def test_cancelling_removes_the_partial_video(pipeline, tmp_path):
-    audio = speech_clip(tmp_path / "clip.wav", 0.12)
+    audio = speech_clip(tmp_path / "clip.wav", 0.08)
     output = tmp_path / "out.mp4"
     stream = pipeline.generate(PORTRAIT, audio, Options(output=str(output)))
     for event in stream:
         if isinstance(event, Frame):
-            break
+            break  # one of two frames is in the encoder
     stream.close()
     assert not output.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".mp4")]
 
 
 def test_missing_or_corrupt_checkpoints_give_a_clear_error(tmp_path):
@@ -220,7 +224,7 @@ def test_missing_or_corrupt_checkpoints_give_a_clear_error(tmp_path):
 
 
 def test_headless_render_with_the_sadtalker_engine(checkpoint_dir, tmp_path):
-    audio = speech_clip(tmp_path / "clip.wav", 0.08)  # two frames
+    audio = speech_clip(tmp_path / "clip.wav", 0.05)  # one frame
     output = tmp_path / "cli.mp4"
     result = subprocess.run([sys.executable, "app.py", "render", "--image", PORTRAIT, "--audio", audio,
                              "--output", str(output), "--engine", "sadtalker", "--checkpoints", checkpoint_dir,
@@ -228,4 +232,4 @@ def test_headless_render_with_the_sadtalker_engine(checkpoint_dir, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     count, size, has_audio = probe(str(output))
-    assert count == 2 and has_audio and size == (512, 512)
+    assert count == 1 and has_audio and size == (512, 512)
