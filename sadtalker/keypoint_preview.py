@@ -4,7 +4,8 @@ The SadTalker renderer moves 15 implicit 3-D keypoints from their source positio
 positions and lets a dense-motion network + SPADE decoder paint the result (seconds per frame on a CPU). The preview
 uses the *same* source and driving keypoints but replaces the networks by a closed-form warp (about a millisecond):
 
-* a least-squares affine map between the driving and source keypoints (x, y) carries the rigid head motion;
+* a robust least-squares similarity (rotation, scale, shift) between the driving and source keypoints (x, y)
+  carries the head motion; keypoints that moved on their own (expression) are down-weighted in that fit;
 * the residual of each keypoint (expression: mouth, eyes) is spread by normalised Gaussian weights;
 * both fade out away from the keypoints, so the background stays still.
 
@@ -60,8 +61,8 @@ class KeypointPreview:
     def sample_field(self, kp_driving: np.ndarray) -> np.ndarray:
         """For each coarse grid point (x, y) of the output, the source position to sample: (G*G, 2)."""
         points, kp_src = self._points, self._kp_source
-        affine = _fit_affine(kp_driving, kp_src)  # (2, 3): driving -> source
-        residual = kp_src - _apply_affine(affine, kp_driving)  # (K, 2): what the affine map misses (expression)
+        affine = _fit_similarity(kp_driving, kp_src)  # (2, 3): driving -> source
+        residual = kp_src - _apply_affine(affine, kp_driving)  # (K, 2): what the head motion misses (expression)
 
         dist2 = ((points[:, None, :] - kp_driving[None, :, :]) ** 2).sum(-1)  # (G*G, K)
         head = np.exp(-dist2 / (2 * _HEAD_SIGMA ** 2)).sum(1, keepdims=True)
@@ -72,11 +73,29 @@ class KeypointPreview:
         return points + head_weight * (moved - points)
 
 
-def _fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares 2x3 affine A with A @ [src, 1] ~ dst, for (K, 2) point sets."""
-    design = np.concatenate([src, np.ones((len(src), 1))], axis=1)  # (K, 3)
-    solution, *_ = np.linalg.lstsq(design, dst, rcond=None)  # (3, 2)
-    return solution.T
+def _fit_similarity(src: np.ndarray, dst: np.ndarray, iterations: int = 3) -> np.ndarray:
+    """2x3 similarity A (rotation, uniform scale, shift) with A @ [src, 1] ~ dst for (K, 2) point sets.
+
+    Iteratively reweighted: points far off the fit (a mouth that opened) get less weight, so the head motion is
+    not bent by the expression.
+    """
+    weights = np.ones(len(src))
+    affine = np.hstack([np.eye(2), np.zeros((2, 1))])
+    for _ in range(iterations):
+        w = weights / weights.sum()
+        mean_src, mean_dst = w @ src, w @ dst
+        a, b = src - mean_src, dst - mean_dst
+        covariance = (b * w[:, None]).T @ a  # (2, 2)
+        u, sigma, vt = np.linalg.svd(covariance)
+        flip = np.diag([1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
+        rotation = u @ flip @ vt
+        variance = (w * (a ** 2).sum(1)).sum()
+        scale = (sigma * np.diag(flip)).sum() / variance if variance > 1e-12 else 1.0
+        affine = np.hstack([scale * rotation, (mean_dst - scale * rotation @ mean_src)[:, None]])
+        residual = np.linalg.norm(dst - _apply_affine(affine, src), axis=1)
+        cutoff = max(np.median(residual) * 2.0, 1e-3)
+        weights = 1.0 / np.maximum(residual / cutoff, 1.0)  # Huber-like: full weight up to the cutoff
+    return affine
 
 
 def _apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:

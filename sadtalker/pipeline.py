@@ -170,16 +170,18 @@ class SadTalkerPipeline:
         duration = num_frames / FPS
         paste = PasteBack(rgb, source.crop)
         frame_landmarks = source.crop.to_frame_coords(source.landmarks)
-        writer: Mp4Writer | None = None
+        width, height = source.crop.frame_size()
+        if enhancer is not None:
+            height, width = enhancer.output_shape((height, width))
+        writer = None
+        if options.output is not None:
+            writer = Mp4Writer(options.output, width, height, audio_path=audio, duration_s=duration)
         yield Progress("render", 0, num_frames, f"Rendering {num_frames} frames at {options.size}x{options.size}")
         try:
             for index, rendered in enumerate(renderer.frames(inputs, batch_size=options.batch_size)):
                 frame = paste(frame_to_uint8(rendered))
                 if enhancer is not None:
                     frame = enhancer.enhance(frame, self._frame_landmarks(frame, frame_landmarks))
-                if options.output is not None and writer is None:
-                    writer = Mp4Writer(options.output, frame.shape[1], frame.shape[0], audio_path=audio,
-                                       duration_s=duration)
                 if writer is not None:
                     writer.write(frame)
                 yield Frame(index=index, time_s=index / FPS, quality="final", rgb=frame)
@@ -191,7 +193,7 @@ class SadTalkerPipeline:
             if writer is not None:
                 writer.abort()
             raise
-        yield Done(video_path=options.output if writer is not None else None, num_frames=num_frames,
+        yield Done(video_path=options.output, num_frames=num_frames,
                    duration_s=duration, engine=self.name, warnings=warnings)
 
     def _frame_landmarks(self, frame: np.ndarray, fallback: np.ndarray) -> np.ndarray:

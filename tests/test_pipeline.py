@@ -76,16 +76,16 @@ def run(pipeline, image, audio, options):
 @pytest.mark.parametrize("preprocess, still", [("crop", False), ("extcrop", False), ("resize", False),
                                                ("full", False), ("extfull", False), ("crop", True)])
 def test_every_preprocess_mode_makes_a_video_with_sound(pipeline, tmp_path, preprocess, still):
-    audio = speech_clip(tmp_path / "clip.wav", 0.12)  # 1920 samples -> int(1920 / 640) = 3 frames
+    audio = speech_clip(tmp_path / "clip.wav", 0.08)  # 1280 samples -> int(1280 / 640) = 2 frames
     output = str(tmp_path / "out.mp4")
     events = run(pipeline, PORTRAIT, audio, Options(output=output, preprocess=preprocess, still=still, seed=3,
-                                                    batch_size=1))
+                                                    batch_size=2 if still else 1))
     stages = [e.stage for e in events if isinstance(e, Progress)]
     for stage in ("landmarks", "crop", "3dmm", "audio", "motion", "render"):
         assert stage in stages
     frames = [e for e in events if isinstance(e, Frame)]
     done = events[-1]
-    assert [f.index for f in frames] == [0, 1, 2] and done.num_frames == 3
+    assert [f.index for f in frames] == [0, 1] and done.num_frames == 2
     assert all(f.quality == "final" for f in frames)
     photo = load_image(PORTRAIT)
     height, width = frames[0].rgb.shape[:2]
@@ -101,7 +101,7 @@ def test_every_preprocess_mode_makes_a_video_with_sound(pipeline, tmp_path, prep
         assert width == 256 and 200 <= height <= 320
     assert done.video_path == output and done.engine == "sadtalker"
     count, size, has_audio = probe(output)
-    assert count == 3 and has_audio
+    assert count == 2 and has_audio
     assert size == (width + width % 2, height + height % 2)
 
 
@@ -120,23 +120,27 @@ def test_still_mode_keeps_the_source_head_pose(pipeline, tmp_path):
 def test_preview_follows_the_driving_keypoints(pipeline, tmp_path):
     audio = speech_clip(tmp_path / "clip.wav", 0.2)
     ready = next(e for e in pipeline.generate(PORTRAIT, audio, Options(seed=1)) if isinstance(e, MotionReady))
-    preview = ready.preview
-    assert isinstance(preview, KeypointPreview) and preview.num_frames == ready.num_frames == 5
-    frame = preview.render(2)
+    assert isinstance(ready.preview, KeypointPreview) and ready.preview.num_frames == ready.num_frames == 5
+    frame = ready.preview.render(2)
     assert frame.shape == (128, 128, 3) and frame.dtype == np.uint8
 
-    # The same source with the driving keypoints of frame 2 moved right by 0.15 (of the [-1, 1] range) and down.
-    source = preview._source
-    kp_source = np.concatenate([preview._kp_source, np.zeros((15, 1))], axis=1)
-    driving = np.concatenate([preview._kp_driving, np.zeros(preview._kp_driving.shape[:2] + (1,))], axis=2)
-    moved = driving.copy()
-    moved[2, :, 0] += 0.15
-    moved[2, :, 1] += 0.10
-    shifted = KeypointPreview(source, kp_source, moved).render(2)
-    base = KeypointPreview(source, kp_source, driving).render(2)
-    assert np.array_equal(base, frame)
-    dx, dy = image_shift(base, shifted)
-    assert 4 <= dx <= 12 and 2 <= dy <= 9, (dx, dy)  # 0.15 * 64 = 9.6 px, 0.10 * 64 = 6.4 px at full head weight
+    # Synthetic weights put keypoints far outside the image, so drive the preview with keypoints spread over the
+    # face as real ones are: 15 of the portrait's landmarks in the crop's [-1, 1] coordinates.
+    photo = load_image(PORTRAIT)
+    crop = crop_portrait(photo, pipeline.detector.detect(photo).points, "crop")
+    points = crop.to_crop_coords(pipeline.detector.detect(photo).points)[::4][:15] / 255.0 * 2.0 - 1.0
+    kp_source = np.concatenate([points, np.zeros((15, 1))], axis=1)
+    driving = np.repeat(kp_source[None], 3, axis=0)
+    driving[1, :, 0] += 0.15  # frame 1: the whole head 0.15 to the right (of the [-1, 1] range) ...
+    driving[1, :, 1] += 0.10  # ... and 0.10 down
+    driving[2, 48 // 4:, 1] += 0.08  # frame 2: only the lowest keypoints (mouth) move down
+    preview = KeypointPreview(crop.image, kp_source, driving)
+    still, moved, mouth = (preview.render(i) for i in range(3))
+    dx, dy = image_shift(still, moved)
+    assert 6 <= dx <= 11 and 3 <= dy <= 8, (dx, dy)  # 0.15 * 64 = 9.6 px and 0.10 * 64 = 6.4 px at 128
+    change = np.abs(mouth.astype(float) - still.astype(float)).mean(axis=(1, 2))  # per row
+    assert change[80:].mean() > 3 * change[:48].mean() and change[80:].mean() > 2, \
+        "the lower face (around the moved keypoints) changes, the forehead much less"
 
 
 def image_shift(a: np.ndarray, b: np.ndarray, reach: int = 16) -> tuple[int, int]:
@@ -170,10 +174,13 @@ def test_enhancer_runs_on_a_synthetic_gfpgan(pipeline, tmp_path):
 
 def test_missing_enhancer_weights_warn_and_continue(pipeline, tmp_path):
     audio = speech_clip(tmp_path / "clip.wav", 0.05)
-    events = run(pipeline, PORTRAIT, audio, Options(output=str(tmp_path / "out.mp4"), enhancer="RestoreFormer"))
+    options = Options(output=str(tmp_path / "out.mp4"), enhancer="RestoreFormer")
+    stream = pipeline.generate(PORTRAIT, audio, options)
+    warning = next(e for e in stream if isinstance(e, Progress) and e.stage == "enhancer")
+    assert "RestoreFormer" in warning.message and "continu" in warning.message.lower()
+    events = list(stream)
     done = events[-1]
-    assert len(done.warnings) == 1 and "RestoreFormer" in done.warnings[0]
-    assert any(isinstance(e, Progress) and e.stage == "enhancer" for e in events)
+    assert isinstance(done, Done) and done.warnings == (warning.message,)
     assert os.path.isfile(done.video_path)
     assert [e for e in events if isinstance(e, Frame)][0].rgb.shape[1] == 256, "no enhancement, no upscale"
 
@@ -190,14 +197,15 @@ def test_bad_options_and_inputs_fail_before_any_work(pipeline, tmp_path):
 
 
 def test_cancelling_removes_the_partial_video(pipeline, tmp_path):
-    audio = speech_clip(tmp_path / "clip.wav", 0.12)
+    audio = speech_clip(tmp_path / "clip.wav", 0.08)
     output = tmp_path / "out.mp4"
     stream = pipeline.generate(PORTRAIT, audio, Options(output=str(output)))
     for event in stream:
         if isinstance(event, Frame):
-            break
+            break  # one of two frames is in the encoder
     stream.close()
     assert not output.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".mp4")]
 
 
 def test_missing_or_corrupt_checkpoints_give_a_clear_error(tmp_path):
@@ -216,7 +224,7 @@ def test_missing_or_corrupt_checkpoints_give_a_clear_error(tmp_path):
 
 
 def test_headless_render_with_the_sadtalker_engine(checkpoint_dir, tmp_path):
-    audio = speech_clip(tmp_path / "clip.wav", 0.08)  # two frames
+    audio = speech_clip(tmp_path / "clip.wav", 0.05)  # one frame
     output = tmp_path / "cli.mp4"
     result = subprocess.run([sys.executable, "app.py", "render", "--image", PORTRAIT, "--audio", audio,
                              "--output", str(output), "--engine", "sadtalker", "--checkpoints", checkpoint_dir,
@@ -224,4 +232,4 @@ def test_headless_render_with_the_sadtalker_engine(checkpoint_dir, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     count, size, has_audio = probe(str(output))
-    assert count == 2 and has_audio and size == (512, 512)
+    assert count == 1 and has_audio and size == (512, 512)
