@@ -519,6 +519,7 @@ class SPADEResnetBlock(nn.Module):
         self.norm_1 = SPADE(fmiddle, label_nc)
         if self.learned_shortcut:
             self.norm_s = SPADE(fin, label_nc)
+        self._derived = DerivedTensors()
 
     def spades(self) -> dict[str, SPADE]:
         names = ("norm_0", "norm_1", "norm_s") if self.learned_shortcut else ("norm_0", "norm_1")
@@ -529,10 +530,35 @@ class SPADEResnetBlock(nn.Module):
         if hidden is None:
             hidden = {name: spade.hidden(segmap, size) for name, spade in self.spades().items()}
         normalized = F.instance_norm(x, eps=1e-5)  # shared by norm_0 and norm_s (same input)
-        if self.learned_shortcut:
-            shortcut = self.conv_s(self.norm_s.modulate(normalized, hidden["norm_s"]))
-        else:
+        if not self.learned_shortcut:
             shortcut = x
+        elif fast_paths_enabled() and not torch.is_grad_enabled():
+            shortcut = self._fast_learned_shortcut(normalized, hidden["norm_s"])
+        else:
+            shortcut = self.conv_s(self.norm_s.modulate(normalized, hidden["norm_s"]))
         dx = self.conv_0(F.leaky_relu_(self.norm_0.modulate(normalized, hidden["norm_0"]), 0.2))
         dx = self.conv_1(F.leaky_relu_(self.norm_1.modulate(F.instance_norm(dx, eps=1e-5), hidden["norm_1"]), 0.2))
         return dx.add_(shortcut)
+
+    def _fast_learned_shortcut(self, normalized: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """conv_s(normalized * (1 + gamma_s) + beta_s) with the 1x1 conv_s folded into beta_s's 3x3 conv.
+
+        conv_s is linear, so conv_s(beta_s) = conv(hidden, W_s @ W_beta) + W_s @ b_beta: a conv with fout outputs
+        instead of fin (256 -> 64 channels at full resolution in up_1), one convolution shared with gamma_s.
+        """
+        weight, bias = self._derived.get("shortcut", (
+            self.norm_s.mlp_gamma.weight, self.norm_s.mlp_gamma.bias, self.norm_s.mlp_beta.weight,
+            self.norm_s.mlp_beta.bias, self.conv_s.weight_orig, self.conv_s.weight_u, self.conv_s.weight_v),
+            self._shortcut_weights)
+        fin = self.norm_s.norm_nc
+        scale_shift = conv2d_same(hidden, weight, bias)  # (B, fin + fout, H, W): 1 + gamma_s, conv_s(beta_s)
+        shortcut = self.conv_s(normalized * scale_shift[:, :fin])
+        return shortcut.add_(scale_shift[:, fin:])
+
+    def _shortcut_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        spade = self.norm_s
+        w_s = self.conv_s.effective_weight()[:, :, 0, 0]  # (fout, fin)
+        beta_weight = torch.einsum("oc,chyx->ohyx", w_s, spade.mlp_beta.weight)  # (fout, hidden, 3, 3)
+        beta_bias = w_s @ spade.mlp_beta.bias
+        return (torch.cat([spade.mlp_gamma.weight, beta_weight], dim=0).contiguous(),
+                torch.cat([spade.mlp_gamma.bias + 1, beta_bias], dim=0))
