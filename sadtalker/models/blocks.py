@@ -31,7 +31,8 @@ def make_coordinate_grid(spatial_size: tuple[int, int, int], dtype: torch.dtype 
     return torch.stack([xx, yy, zz], dim=3)  # (D, H, W, 3)
 
 
-def keypoint_gaussians(keypoints: torch.Tensor, spatial_size: tuple[int, int, int], variance: float = 0.01) -> torch.Tensor:
+def keypoint_gaussians(keypoints: torch.Tensor, spatial_size: tuple[int, int, int],
+                       variance: float = 0.01) -> torch.Tensor:
     """Unnormalised 3-D Gaussians around each keypoint: (B, K, 3) -> (B, K, D, H, W)."""
     grid = make_coordinate_grid(spatial_size, keypoints.dtype, keypoints.device)  # (D, H, W, 3)
     b, k, _ = keypoints.shape
@@ -46,9 +47,9 @@ def keypoint_gaussians(keypoints: torch.Tensor, spatial_size: tuple[int, int, in
 class DownBlock2d(nn.Module):
     """conv -> BatchNorm -> ReLU -> 2x2 average pooling (halves H and W)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=padding)
+        self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=kernel_size // 2)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class DownBlock2d(nn.Module):
 class DownBlock3d(nn.Module):
     """conv3d -> BatchNorm -> ReLU -> (1, 2, 2) average pooling (halves H and W, keeps depth)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3):
         super().__init__()
         self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
@@ -70,7 +71,7 @@ class DownBlock3d(nn.Module):
 class UpBlock3d(nn.Module):
     """Nearest (1, 2, 2) up-sampling -> conv3d -> BatchNorm -> ReLU (doubles H and W, keeps depth)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3):
         super().__init__()
         self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
@@ -83,7 +84,7 @@ class UpBlock3d(nn.Module):
 class SameBlock2d(nn.Module):
     """conv -> BatchNorm -> ReLU (or LeakyReLU 0.01), resolution preserved."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1, lrelu: bool = False):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, lrelu: bool = False):
         super().__init__()
         self.conv = SameConv2d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
@@ -97,7 +98,7 @@ class SameBlock2d(nn.Module):
 class ResBlock3d(nn.Module):
     """Pre-activation residual block on a 3-D volume: x + conv(relu(bn(conv(relu(bn(x))))))."""
 
-    def __init__(self, features: int, kernel_size=3, padding=1):
+    def __init__(self, features: int, kernel_size: int = 3):
         super().__init__()
         self.conv1 = SameConv3d(features, features, kernel_size=kernel_size)
         self.conv2 = SameConv3d(features, features, kernel_size=kernel_size)
@@ -193,7 +194,8 @@ class Hourglass(nn.Module):
 
 
 class KeypointHourglass(nn.Module):
-    """The keypoint detector's predictor: a 2-D encoder, a 1x1 conv lifting channels into a 3-D volume, a 3-D decoder."""
+    """The keypoint detector's predictor: a 2-D encoder, a 1x1 conv lifting channels into a 3-D volume, a 3-D
+    decoder."""
 
     def __init__(self, block_expansion: int, in_features: int, reshape_features: int, reshape_depth: int,
                  num_blocks: int = 3, max_features: int = 256):
@@ -207,8 +209,9 @@ class KeypointHourglass(nn.Module):
         self.conv = nn.Conv2d(in_filters, reshape_features, kernel_size=1)
         self.up_blocks = nn.Sequential()
         for i in range(num_blocks):
-            self.up_blocks.add_module(f"up{i}", UpBlock3d(min(max_features, block_expansion * 2 ** (num_blocks - i)),
-                                                          min(max_features, block_expansion * 2 ** (num_blocks - i - 1))))
+            self.up_blocks.add_module(f"up{i}", UpBlock3d(
+                min(max_features, block_expansion * 2 ** (num_blocks - i)),
+                min(max_features, block_expansion * 2 ** (num_blocks - i - 1))))
         self.reshape_depth = reshape_depth
         self.out_filters = min(max_features, block_expansion)  # channels of the last up block
 
@@ -321,7 +324,10 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if stacked_weight is None:
         stacked_weight = stack_depth_taps(weight)
     zeros = weight.new_zeros(stacked_weight.shape[0])
-    out = x.new_zeros(b, c_out, d, h, w) if bias is None else bias.view(1, -1, 1, 1, 1).expand(b, c_out, d, h, w).clone()
+    if bias is None:
+        out = x.new_zeros(b, c_out, d, h, w)
+    else:
+        out = bias.view(1, -1, 1, 1, 1).expand(b, c_out, d, h, w).clone()
     for n in range(b):
         for z in range(d):
             taps = torch._nnpack_spatial_convolution(x[n:n + 1, :, z].contiguous(), stacked_weight, zeros, [pad, pad])
@@ -525,7 +531,8 @@ class SPADEResnetBlock(nn.Module):
         names = ("norm_0", "norm_1", "norm_s") if self.learned_shortcut else ("norm_0", "norm_1")
         return {name: getattr(self, name) for name in names}
 
-    def forward(self, x: torch.Tensor, segmap: torch.Tensor, hidden: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segmap: torch.Tensor,
+                hidden: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         size = tuple(x.shape[2:])
         if hidden is None:
             hidden = {name: spade.hidden(segmap, size) for name, spade in self.spades().items()}
