@@ -30,6 +30,7 @@ from .models.keypoint_detector import KeypointDetector
 from .models.mapping import HeadMotion, MappingNet
 
 SEMANTIC_RADIUS = 13  # MappingNet sees frames f-13 .. f+13
+KEYPOINT_CHUNK = 64  # frames per MappingNet call when keypoints are wanted fast (not bit-equal to a render)
 WINDOW = 2 * SEMANTIC_RADIUS + 1
 EXP_DIMS = 64  # expression coefficients come first; then angles 64:67, translation 67:70, crop 70:73
 MOTION_DIMS = 70
@@ -255,18 +256,22 @@ class FaceRenderer:
         return transform_keypoints(kp_canonical, motion, *overrides)[:len(indices)]
 
     # ---- public API --------------------------------------------------------------------------------------------
-    def keypoints(self, inputs: RenderInputs, batch_size: int = 1) -> ClipKeypoints:
+    def keypoints(self, inputs: RenderInputs, batch_size: int | None = None) -> ClipKeypoints:
         """Source and driving keypoints of every frame without running the generator (MappingNet only).
 
-        With the same ``batch_size`` they are exactly the keypoints ``frames`` drives the generator with.
+        ``batch_size``: as given to ``frames``, to get exactly the keypoints it drives the generator with; None
+        runs MappingNet on chunks of many frames (several times faster, e.g. for a preview; the keypoints then
+        differ from the rendered ones only by float rounding).
         """
-        _check_batch_size(batch_size)
-        source = self._prepare_source(inputs, batch_size, with_features=False)
+        chunk = KEYPOINT_CHUNK if batch_size is None else batch_size
+        _check_batch_size(chunk)
+        source = self._prepare_source(inputs, 1 if batch_size is None else batch_size, with_features=False)
         driving = np.empty((inputs.num_frames, *source.kp_canonical.shape[1:]), dtype=np.float32)
         with torch.inference_mode():
-            for first in range(0, inputs.num_frames, batch_size):
-                indices = range(first, min(first + batch_size, inputs.num_frames))
-                driving[first:indices.stop] = self._driving_keypoints(inputs, source, indices, batch_size).float().cpu()
+            for first in range(0, inputs.num_frames, chunk):
+                indices = range(first, min(first + chunk, inputs.num_frames))
+                rows = chunk if batch_size is not None else len(indices)  # no padding needed when not exact
+                driving[first:indices.stop] = self._driving_keypoints(inputs, source, indices, rows).float().cpu()
         return ClipKeypoints(canonical=source.kp_canonical[0].float().cpu().numpy(),
                              source=source.kp_source[0].float().cpu().numpy(), driving=driving)
 
