@@ -52,8 +52,8 @@ def synthetic_inputs(size: int, frames: int, seed: int = 0):
     """A smooth random 'photo' and random coefficients of the usual magnitudes (as the golden inputs)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
-    image = np.stack([0.5 + 0.25 * np.cos(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0.5, 2) * yy + rng.uniform()))
-                      for _ in range(3)], axis=-1)
+    waves = [rng.uniform(0.5, 2) * xx + rng.uniform(0.5, 2) * yy + rng.uniform() for _ in range(3)]
+    image = np.stack([0.5 + 0.25 * np.cos(2 * np.pi * wave) for wave in waves], axis=-1)
     photo = (np.clip(image, 0, 1) * 255).astype(np.uint8)
     source = np.concatenate([rng.normal(0, 0.6, 64), rng.normal(0, 0.15, 3), rng.normal(0, 0.1, 3),
                              [1.2, 128.0, 128.0]])[None].astype(np.float32)
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
 
         parts = [
             ("per clip: canonical keypoints (KeypointDetector)", 1, lambda: kp_net(image)),
-            ("per clip: source encoding (2-D encoder + 3-D res-blocks + compress)", 1, lambda: gen.encode_source(image)),
+            ("per clip: source encoding (2-D encoder + 3-D res-blocks + compress)", 1,
+             lambda: gen.encode_source(image)),
             ("per frame: MappingNet + keypoint transformation", b,
              lambda: transform_keypoints(kp_canonical.expand(b, -1, -1), mapping(windows))),
             ("per frame: dense motion (sparse warps + hourglass + mask + occlusion)", b,

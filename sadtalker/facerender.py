@@ -56,7 +56,8 @@ def source_coefficients(source_coeff: np.ndarray, preprocess: str) -> np.ndarray
     coeff = np.asarray(source_coeff, dtype=np.float32).reshape(-1)
     channels = 73 if uses_full_mapping(preprocess) else MOTION_DIMS
     if coeff.shape[0] < channels:
-        raise ValueError(f"source coefficients need {channels} values for preprocess {preprocess!r}, got {coeff.shape[0]}")
+        raise ValueError(f"source coefficients need {channels} values for preprocess {preprocess!r}, "
+                         f"got {coeff.shape[0]}")
     return coeff[:channels].copy()
 
 
@@ -237,7 +238,8 @@ class FaceRenderer:
             features = self.generator.encode_source(image) if with_features else None
         return _Source(image, kp_canonical, kp_source, features)
 
-    def _driving_keypoints(self, inputs: RenderInputs, source: _Source, indices: range, batch_size: int) -> torch.Tensor:
+    def _driving_keypoints(self, inputs: RenderInputs, source: _Source, indices: range,
+                           batch_size: int) -> torch.Tensor:
         """(len(indices), K, 3) driving keypoints of consecutive frames (call under inference mode).
 
         MappingNet always sees exactly ``batch_size`` rows (a short last group is padded with its last window, as
@@ -247,7 +249,8 @@ class FaceRenderer:
         rows = list(indices) + [indices[-1]] * (batch_size - len(indices))
         windows = np.stack([inputs.driving_window(i) for i in rows])  # (bs, C, 27)
         motion: HeadMotion = self._mapping(inputs)(self._tensor(windows))
-        overrides = [None if seq is None else self._tensor(seq[rows]) for seq in (inputs.yaw, inputs.pitch, inputs.roll)]
+        overrides = [None if seq is None else self._tensor(seq[rows])
+                     for seq in (inputs.yaw, inputs.pitch, inputs.roll)]
         kp_canonical = source.kp_canonical.expand(len(rows), -1, -1)
         return transform_keypoints(kp_canonical, motion, *overrides)[:len(indices)]
 

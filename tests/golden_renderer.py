@@ -87,7 +87,8 @@ def _inputs_from_case(case: GoldenCase, prefix: str = ""):
     pose = {f"input_{angle}": case.option(f"input_{angle}") for angle in ANGLES}
     return prepare_render_inputs(
         source_rgb, case[prefix + "source_coeff_3dmm"], case[prefix + "generated_coeff_3dmm"],
-        preprocess=str(case.option("preprocess", "crop")), still=bool(case.option("still_mode", case.option("still", False))),
+        preprocess=str(case.option("preprocess", "crop")),
+        still=bool(case.option("still_mode", case.option("still", False))),
         expression_scale=float(case.option("expression_scale", 1.0)), size=size, **pose)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sadtalker.facerender import (FaceRenderer, batch_layout, camera_pose_sequence, driving_coefficients,
                                   frame_to_uint8, gen_camera_pose, prepare_render_inputs, semantic_window)
 from sadtalker.keypoints import degrees_from_bins, rotation_matrix, transform_keypoints
-from sadtalker.models.blocks import UpsampledConv3x3, conv2d_same, reference_computation
+from sadtalker.models.blocks import UpsampledConv3x3, conv2d_same, conv3d_same, reference_computation
 from sadtalker.models.generator import OcclusionAwareSPADEGenerator
 from sadtalker.models.head_pose_estimator import HeadPoseEstimator
 from sadtalker.models.keypoint_detector import KeypointDetector
@@ -82,6 +82,19 @@ def test_fast_same_convolution_matches_plain_convolution():
             plain = conv2d_same(x, weight, bias)
     expected = F.conv2d(x, weight, bias, padding=1)
     assert torch.equal(plain, expected)
+    assert (fast - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_fast_3d_convolution_matches_plain_convolution(kernel):
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.randn(2, 64, 4, 64, 64, generator=g)  # wide enough for the slice-by-slice fast path
+    weight = torch.randn(6, 64, kernel, kernel, kernel, generator=g) / (64 * kernel ** 3) ** 0.5
+    bias = torch.randn(6, generator=g)
+    with torch.inference_mode():
+        fast = conv3d_same(x, weight, bias)
+        expected = F.conv3d(x, weight, bias, padding=kernel // 2)
+    assert fast.shape == expected.shape
     assert (fast - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
@@ -173,8 +186,8 @@ def test_transform_keypoints_uses_only_ty_and_leaves_inputs_alone():
     shifted = motion._replace(t=motion.t + torch.tensor([5.0, 0.0, 7.0]))  # t_x, t_z ignored
     assert torch.allclose(transform_keypoints(canonical, shifted), posed)
     lifted = motion._replace(t=motion.t + torch.tensor([0.0, 1.0, 0.0]))
-    assert torch.allclose(transform_keypoints(canonical, lifted) - posed, torch.tensor([0.0, 1.0, 0.0]).expand(2, NUM_KP, 3),
-                          atol=1e-6)
+    up = torch.tensor([0.0, 1.0, 0.0]).expand(2, NUM_KP, 3)
+    assert torch.allclose(transform_keypoints(canonical, lifted) - posed, up, atol=1e-6)
     overridden = transform_keypoints(canonical, motion, yaw=torch.tensor([10.0, -5.0]))
     assert not torch.allclose(overridden, posed)
 

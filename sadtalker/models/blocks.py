@@ -31,7 +31,8 @@ def make_coordinate_grid(spatial_size: tuple[int, int, int], dtype: torch.dtype 
     return torch.stack([xx, yy, zz], dim=3)  # (D, H, W, 3)
 
 
-def keypoint_gaussians(keypoints: torch.Tensor, spatial_size: tuple[int, int, int], variance: float = 0.01) -> torch.Tensor:
+def keypoint_gaussians(keypoints: torch.Tensor, spatial_size: tuple[int, int, int],
+                       variance: float = 0.01) -> torch.Tensor:
     """Unnormalised 3-D Gaussians around each keypoint: (B, K, 3) -> (B, K, D, H, W)."""
     grid = make_coordinate_grid(spatial_size, keypoints.dtype, keypoints.device)  # (D, H, W, 3)
     b, k, _ = keypoints.shape
@@ -46,9 +47,9 @@ def keypoint_gaussians(keypoints: torch.Tensor, spatial_size: tuple[int, int, in
 class DownBlock2d(nn.Module):
     """conv -> BatchNorm -> ReLU -> 2x2 average pooling (halves H and W)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=padding)
+        self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=kernel_size // 2)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class DownBlock2d(nn.Module):
 class DownBlock3d(nn.Module):
     """conv3d -> BatchNorm -> ReLU -> (1, 2, 2) average pooling (halves H and W, keeps depth)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3):
         super().__init__()
         self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
@@ -70,7 +71,7 @@ class DownBlock3d(nn.Module):
 class UpBlock3d(nn.Module):
     """Nearest (1, 2, 2) up-sampling -> conv3d -> BatchNorm -> ReLU (doubles H and W, keeps depth)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3):
         super().__init__()
         self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
@@ -83,7 +84,7 @@ class UpBlock3d(nn.Module):
 class SameBlock2d(nn.Module):
     """conv -> BatchNorm -> ReLU (or LeakyReLU 0.01), resolution preserved."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1, lrelu: bool = False):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, lrelu: bool = False):
         super().__init__()
         self.conv = SameConv2d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
@@ -97,7 +98,7 @@ class SameBlock2d(nn.Module):
 class ResBlock3d(nn.Module):
     """Pre-activation residual block on a 3-D volume: x + conv(relu(bn(conv(relu(bn(x))))))."""
 
-    def __init__(self, features: int, kernel_size=3, padding=1):
+    def __init__(self, features: int, kernel_size: int = 3):
         super().__init__()
         self.conv1 = SameConv3d(features, features, kernel_size=kernel_size)
         self.conv2 = SameConv3d(features, features, kernel_size=kernel_size)
@@ -193,7 +194,8 @@ class Hourglass(nn.Module):
 
 
 class KeypointHourglass(nn.Module):
-    """The keypoint detector's predictor: a 2-D encoder, a 1x1 conv lifting channels into a 3-D volume, a 3-D decoder."""
+    """The keypoint detector's predictor: a 2-D encoder, a 1x1 conv lifting channels into a 3-D volume, a 3-D
+    decoder."""
 
     def __init__(self, block_expansion: int, in_features: int, reshape_features: int, reshape_depth: int,
                  num_blocks: int = 3, max_features: int = 256):
@@ -207,8 +209,9 @@ class KeypointHourglass(nn.Module):
         self.conv = nn.Conv2d(in_filters, reshape_features, kernel_size=1)
         self.up_blocks = nn.Sequential()
         for i in range(num_blocks):
-            self.up_blocks.add_module(f"up{i}", UpBlock3d(min(max_features, block_expansion * 2 ** (num_blocks - i)),
-                                                          min(max_features, block_expansion * 2 ** (num_blocks - i - 1))))
+            self.up_blocks.add_module(f"up{i}", UpBlock3d(
+                min(max_features, block_expansion * 2 ** (num_blocks - i)),
+                min(max_features, block_expansion * 2 ** (num_blocks - i - 1))))
         self.reshape_depth = reshape_depth
         self.out_filters = min(max_features, block_expansion)  # channels of the last up block
 
@@ -295,8 +298,10 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.conv2d(x, weight, bias, padding=k // 2)
 
 
-# 3-D convolutions at least this wide (H and W) go through NNPACK slice by slice (see conv3d_same).
+# 3-D convolutions at least this wide (H and W) and with this many input channels go through NNPACK slice by
+# slice (see conv3d_same); narrower ones are faster as one direct 3-D convolution.
 NNPACK_3D_MIN_SIZE = 64
+NNPACK_3D_MIN_CHANNELS = 64
 
 
 def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -312,13 +317,17 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k = weight.shape[-1]
     b, _, d, h, w = x.shape
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
-            and w >= NNPACK_3D_MIN_SIZE and not torch.is_grad_enabled() and _FAST_PATHS.get() and _nnpack_ready()):
+            and w >= NNPACK_3D_MIN_SIZE and x.shape[1] >= NNPACK_3D_MIN_CHANNELS and not torch.is_grad_enabled()
+            and _FAST_PATHS.get() and _nnpack_ready()):
         return F.conv3d(x, weight, bias, padding=k // 2)
     c_out, pad = weight.shape[0], k // 2
     if stacked_weight is None:
         stacked_weight = stack_depth_taps(weight)
     zeros = weight.new_zeros(stacked_weight.shape[0])
-    out = x.new_zeros(b, c_out, d, h, w) if bias is None else bias.view(1, -1, 1, 1, 1).expand(b, c_out, d, h, w).clone()
+    if bias is None:
+        out = x.new_zeros(b, c_out, d, h, w)
+    else:
+        out = bias.view(1, -1, 1, 1, 1).expand(b, c_out, d, h, w).clone()
     for n in range(b):
         for z in range(d):
             taps = torch._nnpack_spatial_convolution(x[n:n + 1, :, z].contiguous(), stacked_weight, zeros, [pad, pad])
@@ -516,20 +525,47 @@ class SPADEResnetBlock(nn.Module):
         self.norm_1 = SPADE(fmiddle, label_nc)
         if self.learned_shortcut:
             self.norm_s = SPADE(fin, label_nc)
+        self._derived = DerivedTensors()
 
     def spades(self) -> dict[str, SPADE]:
         names = ("norm_0", "norm_1", "norm_s") if self.learned_shortcut else ("norm_0", "norm_1")
         return {name: getattr(self, name) for name in names}
 
-    def forward(self, x: torch.Tensor, segmap: torch.Tensor, hidden: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segmap: torch.Tensor,
+                hidden: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         size = tuple(x.shape[2:])
         if hidden is None:
             hidden = {name: spade.hidden(segmap, size) for name, spade in self.spades().items()}
         normalized = F.instance_norm(x, eps=1e-5)  # shared by norm_0 and norm_s (same input)
-        if self.learned_shortcut:
-            shortcut = self.conv_s(self.norm_s.modulate(normalized, hidden["norm_s"]))
-        else:
+        if not self.learned_shortcut:
             shortcut = x
+        elif fast_paths_enabled() and not torch.is_grad_enabled():
+            shortcut = self._fast_learned_shortcut(normalized, hidden["norm_s"])
+        else:
+            shortcut = self.conv_s(self.norm_s.modulate(normalized, hidden["norm_s"]))
         dx = self.conv_0(F.leaky_relu_(self.norm_0.modulate(normalized, hidden["norm_0"]), 0.2))
         dx = self.conv_1(F.leaky_relu_(self.norm_1.modulate(F.instance_norm(dx, eps=1e-5), hidden["norm_1"]), 0.2))
         return dx.add_(shortcut)
+
+    def _fast_learned_shortcut(self, normalized: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """conv_s(normalized * (1 + gamma_s) + beta_s) with the 1x1 conv_s folded into beta_s's 3x3 conv.
+
+        conv_s is linear, so conv_s(beta_s) = conv(hidden, W_s @ W_beta) + W_s @ b_beta: a conv with fout outputs
+        instead of fin (256 -> 64 channels at full resolution in up_1), one convolution shared with gamma_s.
+        """
+        weight, bias = self._derived.get("shortcut", (
+            self.norm_s.mlp_gamma.weight, self.norm_s.mlp_gamma.bias, self.norm_s.mlp_beta.weight,
+            self.norm_s.mlp_beta.bias, self.conv_s.weight_orig, self.conv_s.weight_u, self.conv_s.weight_v),
+            self._shortcut_weights)
+        fin = self.norm_s.norm_nc
+        scale_shift = conv2d_same(hidden, weight, bias)  # (B, fin + fout, H, W): 1 + gamma_s, conv_s(beta_s)
+        shortcut = self.conv_s(normalized * scale_shift[:, :fin])
+        return shortcut.add_(scale_shift[:, fin:])
+
+    def _shortcut_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        spade = self.norm_s
+        w_s = self.conv_s.effective_weight()[:, :, 0, 0]  # (fout, fin)
+        beta_weight = torch.einsum("oc,chyx->ohyx", w_s, spade.mlp_beta.weight)  # (fout, hidden, 3, 3)
+        beta_bias = w_s @ spade.mlp_beta.bias
+        return (torch.cat([spade.mlp_gamma.weight, beta_weight], dim=0).contiguous(),
+                torch.cat([spade.mlp_gamma.bias + 1, beta_bias], dim=0))

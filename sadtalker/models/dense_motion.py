@@ -80,7 +80,8 @@ class DenseMotionNetwork(nn.Module):
         c = warped.shape[1]
         warped = warped.view(b, c, k1, d, h, w).transpose(1, 2)  # (B, K+1, c, D, H, W)
 
-        heatmap = keypoint_gaussians(kp_driving, (d, h, w)) - keypoint_gaussians(kp_source, (d, h, w))  # (B, K, D, H, W)
+        # (B, K, D, H, W)
+        heatmap = keypoint_gaussians(kp_driving, (d, h, w)) - keypoint_gaussians(kp_source, (d, h, w))
         heatmap = torch.cat([heatmap.new_zeros(b, 1, d, h, w), heatmap], dim=1).unsqueeze(2)  # (B, K+1, 1, D, H, W)
         hourglass_in = torch.cat([heatmap, warped], dim=2).view(b, k1 * (c + 1), d, h, w)  # (B, (K+1)*(c+1), D, H, W)
 

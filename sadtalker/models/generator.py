@@ -111,7 +111,7 @@ class OcclusionAwareSPADEGenerator(nn.Module):
         params = DENSE_MOTION_PARAMS if dense_motion_params is None else dense_motion_params
         self.dense_motion_network = DenseMotionNetwork(num_kp=num_kp, feature_channel=feature_channel,
                                                        estimate_occlusion_map=estimate_occlusion_map, **params)
-        self.first = SameBlock2d(image_channel, block_expansion, kernel_size=3, padding=1)
+        self.first = SameBlock2d(image_channel, block_expansion, kernel_size=3)
         blocks = []
         for i in range(num_down_blocks):
             blocks.append(DownBlock2d(min(max_features, block_expansion * 2 ** i),
@@ -122,9 +122,9 @@ class OcclusionAwareSPADEGenerator(nn.Module):
         self.reshape_depth = reshape_depth
         self.resblocks_3d = nn.Sequential()
         for i in range(num_resblocks):
-            self.resblocks_3d.add_module(f"3dr{i}", ResBlock3d(reshape_channel, kernel_size=3, padding=1))
+            self.resblocks_3d.add_module(f"3dr{i}", ResBlock3d(reshape_channel, kernel_size=3))
         decoder_in = block_expansion * 2 ** num_down_blocks
-        self.third = SameBlock2d(max_features, decoder_in, kernel_size=3, padding=1, lrelu=True)
+        self.third = SameBlock2d(max_features, decoder_in, kernel_size=3, lrelu=True)
         self.fourth = nn.Conv2d(decoder_in, decoder_in, kernel_size=1)
         self.decoder = SPADEDecoder(in_channels=decoder_in)
 

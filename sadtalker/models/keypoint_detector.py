@@ -41,7 +41,8 @@ class KeypointDetector(nn.Module):
             image = self.down(image)  # (B, 3, H/4, W/4)
         logits = self.kp(self.predictor(image))  # (B, K, D, h, w)
         b, k = logits.shape[:2]
-        heatmap = F.softmax(logits.view(b, k, -1) / self.temperature, dim=2).view(*logits.shape, 1)  # (B, K, D, h, w, 1)
+        heatmap = F.softmax(logits.view(b, k, -1) / self.temperature, dim=2)  # (B, K, D*h*w)
+        heatmap = heatmap.view(*logits.shape, 1)  # (B, K, D, h, w, 1)
         grid = make_coordinate_grid(tuple(logits.shape[2:]), logits.dtype, logits.device)  # (D, h, w, 3)
         # expectation of the grid; an elementwise product + sum (not a matmul) reproduces the reference's rounding,
         # which matters: the generator amplifies keypoint differences
