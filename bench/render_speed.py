@@ -1,6 +1,6 @@
 """Speed of our face renderer path on synthetic weights (CPU by default).
 
-    python bench/render_speed.py --size 256 --frames 4 --threads 2 [--batch-size N] [--repeats 3]
+    python bench/render_speed.py --size 256 --frames 4 --threads 2 [--batch-size N] [--workers N] [--repeats 3]
 
 Times what the official ``make_animation`` does for a clip (canonical keypoints once, then MappingNet + keypoint
 transformation + generator per frame), as our ``FaceRenderer.frames`` does it (plus the source encoding, once per
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=4, help="frames per timed call")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per network call")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="frames rendered side by side (default: the app's choice, one per thread on a CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -108,13 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    workers = args.workers or (torch.get_num_threads() if args.device == "cpu" else 1)
     renderer = build_renderer(args.device, dtype)
     inputs = synthetic_inputs(args.size, args.frames)
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} size={args.size} "
-          f"frames={args.frames} batch_size={args.batch_size} torch={torch.__version__}", flush=True)
+          f"frames={args.frames} batch_size={args.batch_size} workers={workers} torch={torch.__version__}", flush=True)
 
     def clip():
-        for _ in renderer.frames(inputs, batch_size=args.batch_size):
+        for _ in renderer.frames(inputs, batch_size=args.batch_size, workers=workers):
             pass
 
     clip()  # warm-up

@@ -18,7 +18,9 @@ window, so the images are the same either way.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,22 +277,63 @@ class FaceRenderer:
         return ClipKeypoints(canonical=source.kp_canonical[0].float().cpu().numpy(),
                              source=source.kp_source[0].float().cpu().numpy(), driving=driving)
 
-    def frames(self, inputs: RenderInputs, batch_size: int = 1, start: int = 0) -> Iterator[np.ndarray]:
+    def frames(self, inputs: RenderInputs, batch_size: int = 1, start: int = 0,
+               workers: int = 1) -> Iterator[np.ndarray]:
         """Render frames ``start`` .. N-1 in video order, one (S, S, 3) float32 image in [0, 1] at a time.
 
         ``batch_size`` consecutive frames go through the networks together (pays on a GPU, not on a CPU); it is
-        the reference's batch size, which also fixes MappingNet's rounding. Stop iterating to cancel.
+        the reference's batch size, which also fixes MappingNet's rounding. ``workers`` > 1 renders that many
+        batches at once, each in its own thread with one CPU thread: on a CPU the generator's layers are too small
+        to keep several cores busy, so frames side by side finish sooner than one frame on all cores (at most
+        ``workers`` batches are in flight; frames still come out in order). Stop iterating to cancel.
         """
         _check_batch_size(batch_size)
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
         source = self._prepare_source(inputs, batch_size, with_features=True)
-        for first in range(start, inputs.num_frames, batch_size):
-            indices = range(first, min(first + batch_size, inputs.num_frames))
-            with torch.inference_mode():
-                kp_driving = self._driving_keypoints(inputs, source, indices, batch_size)
-                kp_source = source.kp_source.expand(len(indices), -1, -1)
-                images = self.generator.animate(source.features, kp_source, kp_driving)  # (B, 3, S, S)
-                images = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, S, S, 3)
-            yield from images
+        groups = [range(first, min(first + batch_size, inputs.num_frames))
+                  for first in range(start, inputs.num_frames, batch_size)]
+        if workers == 1 or len(groups) < 2:
+            for indices in groups:
+                yield from self._render_group(source, self._group_keypoints(inputs, source, indices, batch_size))
+            return
+        yield from self._render_concurrently(inputs, source, groups, batch_size, workers)
+
+    def _group_keypoints(self, inputs: RenderInputs, source: _Source, indices: range,
+                         batch_size: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._driving_keypoints(inputs, source, indices, batch_size)
+
+    def _render_group(self, source: _Source, kp_driving: torch.Tensor) -> np.ndarray:
+        """(B, S, S, 3) frames of one group of consecutive frames."""
+        with torch.inference_mode():
+            kp_source = source.kp_source.expand(len(kp_driving), -1, -1)
+            images = self.generator.animate(source.features, kp_source, kp_driving)  # (B, 3, S, S)
+            return images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, S, S, 3)
+
+    def _render_concurrently(self, inputs: RenderInputs, source: _Source, groups: list[range], batch_size: int,
+                             workers: int) -> Iterator[np.ndarray]:
+        threads_before = torch.get_num_threads()
+
+        def single_threaded() -> None:
+            torch.set_num_threads(1)
+
+        # Keypoints are computed here, in order, exactly as the one-worker path does (MappingNet's rounding
+        # depends on its thread count); only the generator runs in the workers.
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="render", initializer=single_threaded)
+        pending: deque[Future] = deque()
+        try:
+            for indices in groups:
+                kp_driving = self._group_keypoints(inputs, source, indices, batch_size)
+                pending.append(pool.submit(self._render_group, source, kp_driving))
+                if len(pending) >= workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            # On cancel, frames already in flight finish in the background; nothing waits for them.
+            pool.shutdown(wait=False, cancel_futures=True)
+            torch.set_num_threads(threads_before)  # set_num_threads(1) also shrank torch's shared thread pool
 
 
 def _check_batch_size(batch_size: int) -> None:
