@@ -9,6 +9,9 @@ A job runs two threads:
   on demand, so nothing holds the clip), then the final frames once rendering has caught up with the preview playhead
   or the preview has played through once (looping it until the first final frame exists). It switches from preview
   to final once and never back, so viewers never see the two alternate.
+  A renderer slower than ``SLIDESHOW_BELOW_FPS`` (SadTalker on a CPU: seconds per frame) would turn that into a
+  still picture for minutes, so then the preview keeps looping in real time and the final frames made so far take
+  the place of their preview frames (progressive quality); those are kept as display-size JPEGs, a few KB each.
 
 Cancelling (``Job.cancel()``) stops iterating the engine: the engine's generator is closed, which stops its encoder
 and removes the partial mp4; the job's folder is removed too.
@@ -16,6 +19,7 @@ and removes the partial mp4; the job's folder is removed too.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import secrets
@@ -45,6 +49,8 @@ DISPLAY_MAX_SIDE = 512  # full-size final frames are shown downscaled (the mp4 k
 PROGRESS_INTERVAL_S = 0.1  # progress messages at most 10 per second
 IDLE_HEAD_START_S = 0.5  # the engine waits at most this long for the idle animation to be on screen
 RATE_WINDOW_FRAMES = 50  # the ETA uses the rate of the most recent final frames
+SLIDESHOW_BELOW_FPS = 1.0  # final frames slower than this (on average, from 2 frames on) replace preview frames
+FINAL_JPEG_QUALITY = 85  # final frames kept for the progressive preview
 
 JobState = Literal["running", "done", "error", "cancelled"]
 
@@ -104,6 +110,8 @@ class Job:
         self._motion: MotionReady | None = None
         self._render_started: float | None = None  # when the motion was known (final rendering starts)
         self._latest_final: Frame | None = None
+        self._slow_render = False  # the renderer is slower than SLIDESHOW_BELOW_FPS (from its second frame on)
+        self._kept_finals: dict[int, bytes] = {}  # index -> display-size JPEG, while the renderer is slow
         self._engine_finished: Done | None = None
         self._display: DisplayFrame | None = None
         self._error: str | None = None
@@ -188,8 +196,11 @@ class Job:
     def _on_event(self, event) -> None:
         now = time.monotonic()
         if isinstance(event, Frame):
+            kept = self._keep_final(event, now)
             with self._cond:
                 self._latest_final = event
+                if kept is not None:
+                    self._kept_finals[event.index] = kept
                 self._final_times.append(now)
                 self._done = event.index + 1
                 self._total = max(self._total, self._done)
@@ -229,6 +240,23 @@ class Job:
                 self._cond.notify_all()
         else:
             log.warning("job %s: ignored an unknown event %r", self.id, type(event).__name__)
+
+    def _keep_final(self, frame: Frame, now: float) -> bytes | None:
+        """Decide whether the renderer is slow (average rate since the motion was known, set-up included, from the
+        second frame on) and, while it may be, return the frame as a display-size JPEG for the progressive preview."""
+        with self._cond:
+            started = self._render_started
+        if started is None:
+            return None
+        done = frame.index + 1
+        slow = done >= 2 and done / max(now - started, 1e-6) < SLIDESHOW_BELOW_FPS
+        with self._cond:
+            self._slow_render = slow
+        if done >= 2 and not slow:
+            return None
+        buffer = io.BytesIO()
+        Image.fromarray(_fit_for_display(frame.rgb)).save(buffer, format="JPEG", quality=FINAL_JPEG_QUALITY)
+        return buffer.getvalue()
 
     def _estimate_eta_locked(self) -> float | None:
         if self._total <= self._done:
@@ -277,6 +305,7 @@ class Job:
                                         (preview is None and self._motion is not None),
                                         timeout=max(0.0, next_tick - time.monotonic()))
                     motion, final, finished = self._motion, self._latest_final, self._engine_finished
+                    slow, kept = self._slow_render, self._kept_finals
                     if self._stop_display_locked() and finished is None:
                         return  # cancelled or failed
                 now = time.monotonic()
@@ -300,16 +329,22 @@ class Job:
                     if playhead >= motion.num_frames:
                         played_through = True
                     # The first preview frame is always shown: it is the moment the audio-driven motion appears.
-                    if (not final_mode and final is not None and shown_preview
+                    # Whether the renderer is slow is known from its second frame on.
+                    if (not final_mode and final is not None and shown_preview and not slow
+                            and (final.index >= 1 or final.index + 1 >= motion.num_frames)
                             and (final.index >= playhead or played_through)):
                         final_mode = True
                     if final_mode:
                         if final.index != shown_final:
                             shown_final = final.index
                             self._show("final", final.time_s, final.rgb)
-                    else:  # the preview, looping after it has played through until a final frame exists
+                    else:  # the preview, looping; a slow renderer's final frames replace theirs as they are made
                         index = playhead % motion.num_frames
-                        self._show("preview", index / motion.fps, preview.render(index))
+                        jpeg = kept.get(index) if slow else None
+                        if jpeg is not None:
+                            self._show("final", index / motion.fps, np.asarray(Image.open(io.BytesIO(jpeg))))
+                        else:
+                            self._show("preview", index / motion.fps, preview.render(index))
                         shown_preview = True
                 if now >= next_tick:
                     next_tick += tick

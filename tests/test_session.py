@@ -159,6 +159,29 @@ def test_preview_loops_until_the_first_final_frame_exists(broadcaster, inputs, t
     assert wraps >= 2, codes  # 10 frames (0.4 s) looped for the 1.2 s until the first final frame
 
 
+def test_a_very_slow_renderer_keeps_the_preview_playing_with_its_final_frames_in_place(broadcaster, inputs, tmp_path):
+    viewer = Recorder(broadcaster.url)
+    # SadTalker on a CPU in miniature: seconds per frame (here 1.25 s), far below SLIDESHOW_BELOW_FPS
+    engine = ScriptedEngine(num_frames=10, final_fps=0.8, motion_delay_s=0.05, first_frame_delay_s=1.0)
+    start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "done", timeout=40)
+    viewer.close()
+    frames = viewer.frames()
+    shown = [f for f in frames if f["kind"] in ("preview", "final")]
+    # the clip keeps playing in real time: every frame index in order, wrapping around, no still picture
+    codes = [f["code"] for f in shown[:-1]]
+    steps = [(b - a) % 10 for a, b in zip(codes, codes[1:])]
+    assert sum(1 for step in steps if step in (1, 2)) >= 0.9 * len(steps), codes
+    assert len(shown) > 25 * 8, len(shown)  # ~11 s of real-time display
+    # final frames stand where their preview frames were, and more of them with every pass
+    finals = [f["code"] for f in shown if f["kind"] == "final"]
+    assert finals and set(finals) == set(range(10)), finals
+    last_seconds = shown[-60:-1]
+    assert all(f["kind"] == "final" for f in last_seconds if f["code"] < 5)  # rendered by half-time: final now
+    first_final = next(i for i, f in enumerate(shown) if f["kind"] == "final")
+    assert any(f["kind"] == "preview" for f in shown[first_final:])  # ... while later frames still preview
+
+
 def test_fast_renderer_replaces_the_preview_at_once_and_viewers_get_at_most_25_fps(broadcaster, inputs, tmp_path):
     viewer = Recorder(broadcaster.url)
     engine = ScriptedEngine(num_frames=150, final_fps=100, motion_delay_s=0.05)

@@ -20,7 +20,7 @@ AUDIO_DIM = 512
 class ExpNet(nn.Module):
     """(B, T, 1, 80, 16) mel windows + (B, T, >=64) reference + (B, T, 1) blink ratio -> (B, T, 64) expression."""
 
-    frames_per_call = 64  # bounds activation memory; 64 was fastest on a 2-core CPU (10 and 256 were slower)
+    frames_per_call = 16  # bounds activation memory; 16 was fastest on a 2-core CPU (channels-last; 64+ slower)
 
     def __init__(self):
         super().__init__()

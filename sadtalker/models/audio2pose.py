@@ -132,7 +132,7 @@ class _DecoderOnlyCVAE(nn.Module):
 class SequenceAudioEncoder(nn.Module):
     """(B, T, 1, 80, 16) -> (B, T, 512); keys ``audio_encoder.*`` as the official wrapper."""
 
-    frames_per_call = 64  # see ExpNet.frames_per_call
+    frames_per_call = 16  # see ExpNet.frames_per_call
 
     def __init__(self):
         super().__init__()
