@@ -53,6 +53,12 @@ class CoefficientInputs:
     def num_frames(self) -> int:
         return int(self.windows.shape[0])
 
+    def head(self, frames: int) -> "CoefficientInputs":
+        """The first ``frames`` frames (ExpNet is frame-wise and PoseVAE works on 32-frame chunks after frame 0,
+        so with ``frames`` = 1 + 32k and the first draws of the noise, they predict what the whole clip has there,
+        apart from the pose smoothing at the cut)."""
+        return CoefficientInputs(self.windows[:frames], self.ref[:frames], self.blink_ratio[:frames])
+
 
 @dataclass(frozen=True)
 class MotionCoefficients:
@@ -209,10 +215,19 @@ def audio_to_coefficients(audio2exp: torch.nn.Module, audio2pose: torch.nn.Modul
                           seed: int | None = None, ref_eyeblink_coeffs: np.ndarray | None = None,
                           ref_pose_coeffs: np.ndarray | None = None) -> MotionCoefficients:
     """The whole audio-to-coefficients step with the official options; ``seed`` fixes blinks and pose noise."""
+    inputs, noise = draw_motion_inputs(features, source_coeff, use_blink=use_blink, seed=seed,
+                                       ref_eyeblink_coeffs=ref_eyeblink_coeffs)
+    return predict_coefficients(audio2exp, audio2pose, inputs, pose_style, noise=noise,
+                                ref_pose_coeffs=ref_pose_coeffs)
+
+
+def draw_motion_inputs(features: AudioFeatures, source_coeff: np.ndarray, *, use_blink: bool = True,
+                       seed: int | None = None,
+                       ref_eyeblink_coeffs: np.ndarray | None = None) -> tuple[CoefficientInputs, torch.Tensor]:
+    """ExpNet/PoseVAE inputs of a clip and PoseVAE's noise, with the random parts (blinks, noise) drawn once."""
     rng = random.Random(seed)
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else rng.getrandbits(63))
     inputs = build_inputs(features, source_coeff, use_blink=use_blink, rng=rng,
                           ref_eyeblink_coeffs=ref_eyeblink_coeffs)
-    return predict_coefficients(audio2exp, audio2pose, inputs, pose_style, generator=generator,
-                                ref_pose_coeffs=ref_pose_coeffs)
+    return inputs, draw_pose_noise(inputs.num_frames, generator)

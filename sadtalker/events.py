@@ -45,7 +45,8 @@ class PreviewRenderer(Protocol):
 
 @dataclass(frozen=True)
 class MotionReady:
-    """The motion of the whole clip is known; previews can be rendered from now on."""
+    """The clip's motion is known (for a long clip: of its first seconds, the preview gets the rest before it plays
+    that far); previews can be rendered from now on."""
 
     num_frames: int
     fps: float

@@ -18,6 +18,8 @@ window, so the images are the same either way.
 """
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -208,7 +210,7 @@ def frame_to_uint8(frame: np.ndarray) -> np.ndarray:
 class FaceRenderer:
     """Runs the renderer networks for a clip: keypoints once, then frames one at a time in video order.
 
-    Holds loaded networks only (no per-clip state), so one instance can serve several jobs, one at a time per thread.
+    Holds loaded networks (and the last source's canonical keypoints), so one instance can serve several jobs.
     """
 
     def __init__(self, kp_extractor: KeypointDetector, generator: OcclusionAwareSPADEGenerator,
@@ -218,6 +220,8 @@ class FaceRenderer:
         self.mappings = {m.first[0].in_channels: m for m in (mapping_crop, mapping_still) if m is not None}
         parameter = next(generator.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self._lock = threading.Lock()
+        self._last_canonical: tuple[bytes, torch.Tensor] | None = None  # (source image digest, keypoints)
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     def _mapping(self, inputs: RenderInputs) -> MappingNet:
@@ -233,13 +237,25 @@ class FaceRenderer:
     def _prepare_source(self, inputs: RenderInputs, batch_size: int, with_features: bool) -> _Source:
         with torch.inference_mode():
             image = self._tensor(inputs.source_image)[None]  # (1, 3, S, S)
-            kp_canonical = self.kp_extractor(image)  # (1, K, 3)
+            kp_canonical = self._canonical_keypoints(inputs.source_image, image)  # (1, K, 3)
             # MappingNet on batch_size identical rows, as the reference (see _driving_keypoints for why)
             semantics = self._tensor(inputs.source_semantics())[None].expand(batch_size, -1, -1)  # (bs, C, 27)
             motion = self._mapping(inputs)(semantics)
             kp_source = transform_keypoints(kp_canonical.expand(batch_size, -1, -1), motion)[:1]
             features = self.generator.encode_source(image) if with_features else None
         return _Source(image, kp_canonical, kp_source, features)
+
+    def _canonical_keypoints(self, source_image: np.ndarray, image: torch.Tensor) -> torch.Tensor:
+        """The keypoint detector on the source image, remembered for the last image (a clip's preview keypoints,
+        full keypoints and frames all need it; it is a third of a second on a CPU)."""
+        key = hashlib.sha1(source_image.tobytes()).digest()
+        with self._lock:
+            if self._last_canonical is not None and self._last_canonical[0] == key:
+                return self._last_canonical[1]
+        kp_canonical = self.kp_extractor(image)
+        with self._lock:
+            self._last_canonical = (key, kp_canonical)
+        return kp_canonical
 
     def _driving_keypoints(self, inputs: RenderInputs, source: _Source, indices: range,
                            batch_size: int) -> torch.Tensor:
@@ -258,34 +274,38 @@ class FaceRenderer:
         return transform_keypoints(kp_canonical, motion, *overrides)[:len(indices)]
 
     # ---- public API --------------------------------------------------------------------------------------------
-    def keypoints(self, inputs: RenderInputs, batch_size: int | None = None) -> ClipKeypoints:
-        """Source and driving keypoints of every frame without running the generator (MappingNet only).
+    def keypoints(self, inputs: RenderInputs, batch_size: int | None = None,
+                  frames: int | None = None) -> ClipKeypoints:
+        """Source and driving keypoints of the first ``frames`` (default all) frames without running the generator
+        (MappingNet only).
 
         ``batch_size``: as given to ``frames``, to get exactly the keypoints it drives the generator with; None
         runs MappingNet once over the whole sequence instead of once per window (~20x faster, e.g. for a preview;
         the keypoints then differ from the rendered ones only by float rounding).
         """
         _check_batch_size(1 if batch_size is None else batch_size)
+        count = inputs.num_frames if frames is None else min(max(int(frames), 1), inputs.num_frames)
         source = self._prepare_source(inputs, 1 if batch_size is None else batch_size, with_features=False)
-        driving = np.empty((inputs.num_frames, *source.kp_canonical.shape[1:]), dtype=np.float32)
+        driving = np.empty((count, *source.kp_canonical.shape[1:]), dtype=np.float32)
         with torch.inference_mode():
             if batch_size is None:
                 self._sequence_keypoints(inputs, source, driving)
             else:
-                for first in range(0, inputs.num_frames, batch_size):
-                    indices = range(first, min(first + batch_size, inputs.num_frames))
+                for first in range(0, count, batch_size):
+                    indices = range(first, min(first + batch_size, count))
                     driving[first:indices.stop] = self._driving_keypoints(inputs, source, indices,
                                                                           batch_size).float().cpu()
         return ClipKeypoints(canonical=source.kp_canonical[0].float().cpu().numpy(),
                              source=source.kp_source[0].float().cpu().numpy(), driving=driving)
 
     def _sequence_keypoints(self, inputs: RenderInputs, source: _Source, out: np.ndarray) -> None:
-        """Driving keypoints of all frames into ``out`` (N, K, 3), MappingNet over chunks of the padded sequence."""
+        """Driving keypoints of the first len(out) frames into ``out`` (n, K, 3), MappingNet over chunks of the
+        padded sequence."""
         mapping = self._mapping(inputs)
         n, radius = inputs.num_frames, SEMANTIC_RADIUS
         rows = np.clip(np.arange(-radius, n + radius), 0, n - 1)  # the clip with its edge frames repeated
-        for first in range(0, n, KEYPOINT_CHUNK):
-            stop = min(first + KEYPOINT_CHUNK, n)
+        for first in range(0, len(out), KEYPOINT_CHUNK):
+            stop = min(first + KEYPOINT_CHUNK, len(out))
             coeffs = inputs.driving_coeffs[rows[first:stop + 2 * radius]].T  # (C, frames + 26)
             motion = mapping.sequence(self._tensor(coeffs))
             overrides = [None if seq is None else self._tensor(seq[first:stop])

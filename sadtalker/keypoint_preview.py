@@ -28,29 +28,50 @@ _LOCAL_SIGMA = 0.15  # reach of each keypoint's own (expression) residual
 class KeypointPreview:
     """Thread-safe ``render(i)`` of preview frames for a clip whose keypoint motion is known.
 
-    source_rgb: (H, W, 3) uint8 renderer source crop; kp_source: (K, 3); kp_driving: (N, K, 3), in [-1, 1].
+    source_rgb: (H, W, 3) uint8 renderer source crop; kp_source: (K, 3); kp_driving: (n, K, 3), in [-1, 1], the
+    motion of the first n of ``num_frames`` frames (default: all). A preview can start from the motion of the
+    first seconds; ``update`` then gives it the rest, and until then later frames hold the last known pose.
     """
 
     def __init__(self, source_rgb: np.ndarray, kp_source: np.ndarray, kp_driving: np.ndarray,
-                 size: int = PREVIEW_SIZE):
+                 size: int = PREVIEW_SIZE, num_frames: int | None = None):
         kp_source = np.asarray(kp_source, np.float64)
-        kp_driving = np.asarray(kp_driving, np.float64)
-        if kp_driving.ndim != 3 or kp_driving.shape[1:] != kp_source.shape:
-            raise ValueError(f"kp_driving must be (N, {kp_source.shape[0]}, 3), got {kp_driving.shape}")
-        self.num_frames = int(kp_driving.shape[0])
+        self.num_frames = int(len(kp_driving) if num_frames is None else num_frames)
         self.size = size
         self._source = cv2.resize(np.ascontiguousarray(source_rgb), (size, size), interpolation=cv2.INTER_AREA)
         self._kp_source = kp_source[:, :2]  # (K, 2) x, y
-        self._kp_driving = kp_driving[:, :, :2]  # (N, K, 2)
+        self._kp_driving = self._checked(kp_driving, kp_source.shape)  # (n, K, 2)
         axis = np.linspace(-1.0, 1.0, _GRID)
         grid_x, grid_y = np.meshgrid(axis, axis)  # (G, G) each, row = y
         self._points = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)  # (G*G, 2) as (x, y)
         self._pixel_x, self._pixel_y = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32))
 
+    def _checked(self, kp_driving: np.ndarray, kp_shape: tuple[int, ...]) -> np.ndarray:
+        kp_driving = np.asarray(kp_driving, np.float64)
+        if kp_driving.ndim != 3 or kp_driving.shape[1:] != kp_shape or not 1 <= len(kp_driving) <= self.num_frames:
+            raise ValueError(f"kp_driving must be (n, {kp_shape[0]}, 3) with 1 <= n <= {self.num_frames}, "
+                             f"got {kp_driving.shape}")
+        return kp_driving[:, :, :2]
+
+    @property
+    def motion(self) -> np.ndarray:
+        """(known_frames, K, 2) driving keypoints (x, y) the preview is rendered from."""
+        return self._kp_driving
+
+    @property
+    def known_frames(self) -> int:
+        """How many frames' motion the preview has (``num_frames`` once complete)."""
+        return len(self._kp_driving)
+
+    def update(self, kp_driving: np.ndarray) -> None:
+        """Replace the motion by that of more (or all) frames, e.g. once the whole clip's motion is known."""
+        self._kp_driving = self._checked(kp_driving, (self._kp_driving.shape[1], 3))  # one reference swap
+
     def render(self, index: int) -> np.ndarray:
-        """(size, size, 3) uint8 preview of frame ``index`` (clamped to the clip)."""
-        index = min(max(int(index), 0), self.num_frames - 1)
-        field = self.sample_field(self._kp_driving[index])  # (G*G, 2) normalised source positions
+        """(size, size, 3) uint8 preview of frame ``index`` (clamped to the clip and to the known motion)."""
+        driving = self._kp_driving
+        index = min(max(int(index), 0), len(driving) - 1)
+        field = self.sample_field(driving[index])  # (G*G, 2) normalised source positions
         # Upsample the displacement (smooth, ~0 at the borders), not the positions, so no motion = exact identity.
         shift = ((field - self._points) * 0.5 * (self.size - 1)).astype(np.float32).reshape(_GRID, _GRID, 2)
         shift = cv2.resize(shift, (self.size, self.size), interpolation=cv2.INTER_LINEAR)  # (S, S, 2) pixels

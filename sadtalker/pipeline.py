@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from .audio import load_audio
-from .coefficients import audio_to_coefficients, face_coefficients
+from .coefficients import (SMOOTHING_WINDOW, draw_motion_inputs, face_coefficients, num_noise_draws,
+                           predict_coefficients)
 from .checkpoints import SadTalkerNetworks, find_checkpoints, load_networks
 from .enhancer import FaceEnhancer, try_load_enhancer
 from .errors import CheckpointError, InputError, NoFaceError
 from .events import Done, Event, Frame, MotionReady, Progress
-from .facerender import FaceRenderer, frame_to_uint8, prepare_render_inputs
+from .facerender import SEMANTIC_RADIUS, FaceRenderer, RenderInputs, frame_to_uint8, prepare_render_inputs
 from .image import load_image
 from .keypoint_preview import KeypointPreview
 from .landmarks import LandmarkDetector
@@ -35,6 +36,10 @@ from .video import Mp4Writer
 
 FACE_ALIGNMENT_SUBDIR = os.path.join("hub", "checkpoints")  # face-alignment weights inside the checkpoint dir
 RECON_BATCH = 16  # reference-video frames per ReconNet call
+# Frames of motion computed first for a long clip's preview (1 + 32k: whole PoseVAE chunks); the last frames of
+# that head are not final (pose smoothing and MappingNet look ahead), so the preview starts with the rest.
+PREVIEW_HEAD_FRAMES = 65
+PREVIEW_HEAD_MARGIN = SMOOTHING_WINDOW // 2 + SEMANTIC_RADIUS
 
 
 @dataclass(frozen=True)
@@ -146,18 +151,38 @@ class SadTalkerPipeline:
                 self._video_coefficients(options.ref_pose, features.num_frames, options, nets)
 
         yield Progress("motion", 0, 1, "Predicting expression and head motion from the audio")
-        motion = audio_to_coefficients(nets.audio2exp, nets.audio2pose, features, source.coeff,
-                                       pose_style=options.pose_style, use_blink=options.use_blink, seed=options.seed,
-                                       ref_eyeblink_coeffs=ref_eyeblink, ref_pose_coeffs=ref_pose)
-        inputs = prepare_render_inputs(crop.image, source.coeff, motion.coeffs, preprocess=options.preprocess,
-                                       still=options.still, expression_scale=options.expression_scale,
-                                       input_yaw=options.input_yaw, input_pitch=options.input_pitch,
-                                       input_roll=options.input_roll, size=options.size)
         renderer = FaceRenderer(nets.kp_extractor, nets.generator, nets.mapping_crop, nets.mapping_still)
+        motion_inputs, noise = draw_motion_inputs(features, source.coeff, use_blink=options.use_blink,
+                                                  seed=options.seed, ref_eyeblink_coeffs=ref_eyeblink)
+
+        def render_inputs(coeffs: np.ndarray) -> RenderInputs:
+            return prepare_render_inputs(crop.image, source.coeff, coeffs, preprocess=options.preprocess,
+                                         still=options.still, expression_scale=options.expression_scale,
+                                         input_yaw=options.input_yaw, input_pitch=options.input_pitch,
+                                         input_roll=options.input_roll, size=options.size)
+
+        def coefficients(frames: int) -> np.ndarray:
+            head = motion_inputs.head(frames)
+            return predict_coefficients(nets.audio2exp, nets.audio2pose, head, options.pose_style,
+                                        noise=noise[:num_noise_draws(frames)], ref_pose_coeffs=ref_pose).coeffs
+
+        num_frames = motion_inputs.num_frames
+        preview = None
+        if num_frames > 2 * PREVIEW_HEAD_FRAMES:
+            # The preview starts from the motion of the first seconds (exact there: ExpNet is frame-wise, PoseVAE
+            # works on 32-frame chunks) and gets the whole clip's a second later, before it plays that far.
+            head = coefficients(PREVIEW_HEAD_FRAMES)
+            padded = np.concatenate([head, np.repeat(head[-1:], num_frames - len(head), axis=0)])
+            keypoints = renderer.keypoints(render_inputs(padded), frames=PREVIEW_HEAD_FRAMES - PREVIEW_HEAD_MARGIN)
+            preview = KeypointPreview(crop.image, keypoints.source, keypoints.driving, num_frames=num_frames)
+            yield MotionReady(num_frames=num_frames, fps=float(FPS), preview=preview)
+        inputs = render_inputs(coefficients(num_frames))
         keypoints = renderer.keypoints(inputs)
-        num_frames = inputs.num_frames
-        yield MotionReady(num_frames=num_frames, fps=float(FPS),
-                          preview=KeypointPreview(crop.image, keypoints.source, keypoints.driving))
+        if preview is None:
+            yield MotionReady(num_frames=num_frames, fps=float(FPS),
+                              preview=KeypointPreview(crop.image, keypoints.source, keypoints.driving))
+        else:
+            preview.update(keypoints.driving)
 
         enhancer, warnings = self._enhancer(options)
         for warning in warnings:

@@ -143,6 +143,24 @@ def test_preview_follows_the_driving_keypoints(pipeline, tmp_path):
         "the lower face (around the moved keypoints) changes, the forehead much less"
 
 
+def test_a_long_clip_previews_from_its_first_seconds_then_gets_the_whole_motion(pipeline, tmp_path):
+    wav = load_audio(SPEECH)
+    audio = str(tmp_path / "long.wav")
+    write_wav(audio, np.tile(wav, 3)[:int(5.6 * 16000)])  # 140 frames: long enough for a head start
+    events = pipeline.generate(PORTRAIT, audio, Options(seed=3))
+    ready = next(e for e in events if isinstance(e, MotionReady))
+    preview = ready.preview
+    assert ready.num_frames == preview.num_frames == 140
+    assert preview.known_frames == 46  # 65 frames of motion minus what pose smoothing and MappingNet look ahead at
+    head = preview.motion.copy()
+    assert np.array_equal(preview.render(139), preview.render(45))  # meanwhile later frames hold the last pose
+    next(events)  # going on, the engine computes the whole clip's motion before it renders
+    assert preview.known_frames == 140
+    assert np.allclose(preview.motion[:46], head, atol=1e-4), np.abs(preview.motion[:46] - head).max()
+    assert np.abs(preview.motion[46:] - head[-1]).max() > 1e-3  # the motion goes on after the head
+    events.close()
+
+
 def image_shift(a: np.ndarray, b: np.ndarray, reach: int = 16) -> tuple[int, int]:
     """Integer (dx, dy) that best maps ``a`` onto ``b`` (b[y, x] ~ a[y - dy, x - dx]) over the image centre."""
     a, b = a.astype(float).mean(2), b.astype(float).mean(2)
