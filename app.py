@@ -5,7 +5,6 @@
 
 Thin on purpose: flags and the Gradio page live here; the work is done in ``preview/`` and ``sadtalker/``.
 """
-from __future__ import annotations
 
 import argparse
 import html
@@ -241,8 +240,8 @@ def build_ui(studio, max_jobs: int = 1):
             yield last_frame, progress_html(snap), snap.video_path, result_text(snap)
         finally:
             if not job.finished:  # the page went away or Stop cancelled this event: stop the work too
-                job.cancel()
-            if session and jobs_by_session.get(session) == job.id:
+                job.cancel()  # (the entry stays, so a Stop handled after this cancellation still finds the job)
+            elif session and jobs_by_session.get(session) == job.id:
                 del jobs_by_session[session]
 
     def image_uploaded(image):
@@ -252,9 +251,12 @@ def build_ui(studio, max_jobs: int = 1):
             gr.Warning(str(exc))
 
     def stop(request: gr.Request = None):
+        """Cancel this page's job and say so on the progress line (the cancelled event yields nothing more)."""
         job_id = jobs_by_session.get(getattr(request, "session_hash", None) or "")
-        if job_id:
-            studio.cancel(job_id)
+        if not job_id:
+            return gr.skip(), gr.skip()
+        studio.cancel(job_id)
+        return STOPPED_HTML, ""
 
     with gr.Blocks(title="SadTalker Live", delete_cache=(900, 3600)) as demo:
         gr.Markdown("# SadTalker Live\nA portrait and a speech clip in, a talking-head video out — "
@@ -305,7 +307,7 @@ def build_ui(studio, max_jobs: int = 1):
                                     # Our own loaders read the uploads: Gradio's image preprocessing would fail on a
                                     # non-image with a generic error instead of our message saying what to do.
                                     preprocess=False)
-        stop_button.click(stop, api_visibility="private", cancels=[run], queue=False)
+        stop_button.click(stop, outputs=[progress, result], api_visibility="private", cancels=[run], queue=False)
         # queued (not queue=False): a warning can only reach the page through the queue's event stream
         image.upload(image_uploaded, inputs=[image], api_visibility="private", preprocess=False,
                      show_progress="hidden", concurrency_limit=4)
@@ -335,6 +337,10 @@ def progress_html(snap) -> str:
     parts.append(f"{snap.elapsed_s:.1f} s elapsed")
     return (f'<div class="stl-progress"><div style="width:{fraction * 100:.1f}%"></div></div>'
             f'<div class="stl-progress-text">{" · ".join(parts)}</div>')
+
+
+STOPPED_HTML = ('<div class="stl-progress"><div style="width:0%"></div></div>'
+                '<div class="stl-progress-text">Stopped — nothing was saved. Generate to start again.</div>')
 
 
 def result_text(snap) -> str:
