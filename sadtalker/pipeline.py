@@ -36,6 +36,8 @@ from .video import Mp4Writer
 
 FACE_ALIGNMENT_SUBDIR = os.path.join("hub", "checkpoints")  # face-alignment weights inside the checkpoint dir
 RECON_BATCH = 16  # reference-video frames per ReconNet call
+MAX_RENDER_WORKERS = 4
+FRAME_MEMORY_256 = 0.7 * 2 ** 30  # bytes a 256x256 frame in flight holds on a CPU (measured: bench/sadtalker_live.py)
 # Frames of motion computed first for a long clip's preview (1 + 32k: whole PoseVAE chunks); the last frames of
 # that head are not final (pose smoothing and MappingNet look ahead), so the preview starts with the rest.
 PREVIEW_HEAD_FRAMES = 65
@@ -203,7 +205,7 @@ class SadTalkerPipeline:
             writer = Mp4Writer(options.output, width, height, audio_path=audio, duration_s=duration)
         yield Progress("render", 0, num_frames, f"Rendering {num_frames} frames at {options.size}x{options.size}")
         try:
-            frames = renderer.frames(inputs, batch_size=options.batch_size, workers=self._render_workers())
+            frames = renderer.frames(inputs, batch_size=options.batch_size, workers=self._render_workers(options.size))
             for index, rendered in enumerate(frames):
                 frame = paste(frame_to_uint8(rendered))
                 if enhancer is not None:
@@ -222,9 +224,13 @@ class SadTalkerPipeline:
         yield Done(video_path=options.output, num_frames=num_frames,
                    duration_s=duration, engine=self.name, warnings=warnings)
 
-    def _render_workers(self) -> int:
-        """Frames rendered side by side: one per CPU thread on a CPU (faster than one frame on all threads)."""
-        return max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
+    def _render_workers(self, size: int) -> int:
+        """Frames rendered side by side: on a CPU one per torch thread (faster than one frame on all threads), at
+        most MAX_RENDER_WORKERS and as many as half the free memory holds (~0.7 GB per 256x256 frame in flight)."""
+        if self.device.type != "cpu":
+            return 1
+        per_frame = FRAME_MEMORY_256 * (size / 256) ** 2
+        return max(1, int(min(torch.get_num_threads(), MAX_RENDER_WORKERS, 0.5 * _free_memory() / per_frame)))
 
     def _frame_landmarks(self, frame: np.ndarray, fallback: np.ndarray) -> np.ndarray:
         """The face's landmarks in an output frame (the head moves a little from the source's position)."""
@@ -284,3 +290,18 @@ def _video_frames(path: str, limit: int) -> Iterator[np.ndarray]:
             yield np.frombuffer(raw, np.uint8).reshape(height, width, 3)
     finally:
         reader.close()
+
+
+def _free_memory() -> float:
+    """Bytes of memory available to this process now (physical free + reclaimable on Linux), else all of it."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
