@@ -43,28 +43,23 @@ class AudioFeatures:
     num_frames: int  # video frames at 25 fps = int(len(wav) / 640)
 
 
+# Slaney mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic (27 steps per factor 6.4) above
+_HZ_PER_MEL = 200.0 / 3.0
+_LOG_START_HZ = 1000.0
+_LOG_START_MEL = _LOG_START_HZ / _HZ_PER_MEL
+_LOG_STEP = np.log(6.4) / 27.0
+
+
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: f / (200/3) below 1 kHz, logarithmic (27 steps per factor 6.4) above."""
     hz = np.asarray(hz, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    log_step = np.log(6.4) / 27.0
-    mel = hz / f_sp
-    above = hz >= min_log_hz
-    mel = np.where(above, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / log_step, mel)
-    return mel
+    log_part = _LOG_START_MEL + np.log(np.maximum(hz, _LOG_START_HZ) / _LOG_START_HZ) / _LOG_STEP
+    return np.where(hz >= _LOG_START_HZ, log_part, hz / _HZ_PER_MEL)
 
 
 def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    log_step = np.log(6.4) / 27.0
-    hz = f_sp * mel
-    above = mel >= min_log_mel
-    return np.where(above, min_log_hz * np.exp(log_step * (mel - min_log_mel)), hz)
+    return np.where(mel >= _LOG_START_MEL, _LOG_START_HZ * np.exp(_LOG_STEP * (mel - _LOG_START_MEL)),
+                    _HZ_PER_MEL * mel)
 
 
 @lru_cache(maxsize=4)
