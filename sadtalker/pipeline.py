@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Generator, Iterator
 
 import imageio_ffmpeg
 import numpy as np
@@ -29,7 +29,7 @@ from .facerender import SEMANTIC_RADIUS, FaceRenderer, RenderInputs, frame_to_ui
 from .image import load_image
 from .keypoint_preview import KeypointPreview
 from .landmarks import LandmarkDetector
-from .mel import audio_features
+from .mel import AudioFeatures, audio_features
 from .options import FPS, Options
 from .preprocess import CropResult, PasteBack, crop_portrait
 from .video import Mp4Writer
@@ -154,8 +154,30 @@ class SadTalkerPipeline:
 
         yield Progress("motion", 0, 1, "Predicting expression and head motion from the audio")
         renderer = FaceRenderer(nets.kp_extractor, nets.generator, nets.mapping_crop, nets.mapping_still)
+        inputs = yield from self._motion(renderer, nets, source, features, options, ref_eyeblink, ref_pose)
+
+        enhancer, warnings = self._enhancer(options)
+        for warning in warnings:
+            yield Progress("enhancer", 0, 0, warning)
+        yield from self._render(renderer, inputs, source, rgb, audio, options, enhancer, warnings)
+
+    def _motion(self, renderer: FaceRenderer, nets: SadTalkerNetworks, source: SourceFace, features: AudioFeatures,
+                options: Options, ref_eyeblink: np.ndarray | None,
+                ref_pose: np.ndarray | None) -> Generator[Event, None, RenderInputs]:
+        """Coefficients -> renderer inputs and keypoints; yields ``MotionReady``, returns the renderer inputs.
+
+        A long clip's preview starts from the motion of its first PREVIEW_HEAD_FRAMES frames (exact there: ExpNet
+        is frame-wise, PoseVAE works on 32-frame chunks) and gets the whole clip's a second later, before it plays
+        that far.
+        """
         motion_inputs, noise = draw_motion_inputs(features, source.coeff, use_blink=options.use_blink,
                                                   seed=options.seed, ref_eyeblink_coeffs=ref_eyeblink)
+        num_frames, crop = motion_inputs.num_frames, source.crop
+
+        def coefficients(frames: int) -> np.ndarray:
+            return predict_coefficients(nets.audio2exp, nets.audio2pose, motion_inputs.head(frames),
+                                        options.pose_style, noise=noise[:num_noise_draws(frames)],
+                                        ref_pose_coeffs=ref_pose).coeffs
 
         def render_inputs(coeffs: np.ndarray) -> RenderInputs:
             return prepare_render_inputs(crop.image, source.coeff, coeffs, preprocess=options.preprocess,
@@ -163,18 +185,10 @@ class SadTalkerPipeline:
                                          input_yaw=options.input_yaw, input_pitch=options.input_pitch,
                                          input_roll=options.input_roll, size=options.size)
 
-        def coefficients(frames: int) -> np.ndarray:
-            head = motion_inputs.head(frames)
-            return predict_coefficients(nets.audio2exp, nets.audio2pose, head, options.pose_style,
-                                        noise=noise[:num_noise_draws(frames)], ref_pose_coeffs=ref_pose).coeffs
-
-        num_frames = motion_inputs.num_frames
         preview = None
         if num_frames > 2 * PREVIEW_HEAD_FRAMES:
-            # The preview starts from the motion of the first seconds (exact there: ExpNet is frame-wise, PoseVAE
-            # works on 32-frame chunks) and gets the whole clip's a second later, before it plays that far.
             head = coefficients(PREVIEW_HEAD_FRAMES)
-            padded = np.concatenate([head, np.repeat(head[-1:], num_frames - len(head), axis=0)])
+            padded = np.concatenate([head, np.repeat(head[-1:], num_frames - len(head), axis=0)])  # N for yaw paths
             keypoints = renderer.keypoints(render_inputs(padded), frames=PREVIEW_HEAD_FRAMES - PREVIEW_HEAD_MARGIN)
             preview = KeypointPreview(crop.image, keypoints.source, keypoints.driving, num_frames=num_frames)
             yield MotionReady(num_frames=num_frames, fps=float(FPS), preview=preview)
@@ -185,11 +199,7 @@ class SadTalkerPipeline:
                               preview=KeypointPreview(crop.image, keypoints.source, keypoints.driving))
         else:
             preview.update(keypoints.driving)
-
-        enhancer, warnings = self._enhancer(options)
-        for warning in warnings:
-            yield Progress("enhancer", 0, 0, warning)
-        yield from self._render(renderer, inputs, source, rgb, audio, options, enhancer, warnings)
+        return inputs
 
     def _render(self, renderer: FaceRenderer, inputs, source: SourceFace, rgb: np.ndarray, audio: str,
                 options: Options, enhancer: FaceEnhancer | None, warnings: tuple[str, ...]) -> Iterator[Event]:
