@@ -39,7 +39,7 @@ from sadtalker.events import Done, Frame, MotionReady, PreviewRenderer, Progress
 from sadtalker.image import load_image
 from sadtalker.options import FPS, Options
 
-from .broadcaster import Broadcaster
+from .broadcaster import Broadcaster, encode_jpeg
 from .engines import Engine, choose_engine, load_engine
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,7 @@ class Job:
             self._slow_render = slow
         if done >= 2 and not slow:
             return None
-        buffer = io.BytesIO()
-        Image.fromarray(_fit_for_display(frame.rgb)).save(buffer, format="JPEG", quality=FINAL_JPEG_QUALITY)
-        return buffer.getvalue()
+        return encode_jpeg(_fit_for_display(frame.rgb), quality=FINAL_JPEG_QUALITY)
 
     def _estimate_eta_locked(self) -> float | None:
         if self._total <= self._done:
