@@ -64,7 +64,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
-    from sadtalker.options import ENHANCER_CHOICES, PREPROCESS_CHOICES
+    from core.options import ENHANCER_CHOICES, PREPROCESS_CHOICES
 
     group = parser.add_argument_group("generation options (SadTalker engine; the lite engine uses blink and seed)")
     group.add_argument("--preprocess", default="crop", choices=PREPROCESS_CHOICES)
@@ -80,10 +80,10 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------- render
 def render(args: argparse.Namespace) -> int:
-    from preview.engines import choose_engine, load_engine
-    from preview.session import run_headless
-    from sadtalker.errors import SadTalkerError
-    from sadtalker.options import Options
+    from live.engines import choose_engine, load_engine
+    from live.job import run_headless
+    from core.errors import SadTalkerError
+    from core.options import Options
 
     try:
         options = Options(output=os.path.abspath(args.output), seed=args.seed, max_audio_s=args.max_audio_seconds,
@@ -108,9 +108,9 @@ def serve(args: argparse.Namespace) -> int:
     import gradio as gr
     from gradio.utils import MatplotlibBackendMananger
 
-    from preview.broadcaster import Broadcaster
-    from preview.engines import choose_engine, load_engine
-    from preview.session import Studio
+    from live.broadcaster import Broadcaster
+    from live.engines import choose_engine, load_engine
+    from live.job import Studio
 
     try:
         broadcaster = Broadcaster(args.host, args.ws_port, hello_info={"app_port": args.port}).start()
@@ -165,7 +165,7 @@ def _warm_idle_animation() -> None:
         return
     try:
         from preview.idle import IdleAnimator
-        from sadtalker.image import load_image
+        from core.image import load_image
 
         IdleAnimator(load_image(str(EXAMPLE_IMAGE)), size=128).render(0.0)
     except Exception:  # warming is an optimisation only
@@ -187,9 +187,9 @@ PAGE_CSS = """
 def build_ui(studio, max_jobs: int = 1):
     import gradio as gr
 
-    from preview.engines import ENGINE_CHOICES, choose_engine
-    from sadtalker.errors import SadTalkerError
-    from sadtalker.options import ENHANCER_CHOICES, NUM_POSE_STYLES, PREPROCESS_CHOICES, Options
+    from live.engines import ENGINE_CHOICES, choose_engine
+    from core.errors import SadTalkerError
+    from core.options import ENHANCER_CHOICES, NUM_POSE_STYLES, PREPROCESS_CHOICES, Options
 
     defaults = Options()
     jobs_by_session: dict[str, str] = {}

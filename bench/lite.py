@@ -27,12 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from preview.lite import LiteEngine, LitePreview  # noqa: E402
 from preview.motion import audio_features, motion_from_audio  # noqa: E402
 from preview.warp import FaceWarper  # noqa: E402
-from sadtalker.audio import load_audio, num_video_frames  # noqa: E402
-from sadtalker.errors import NoFaceError  # noqa: E402
-from sadtalker.events import Frame  # noqa: E402
-from sadtalker.image import load_image  # noqa: E402
-from sadtalker.landmarks import LandmarkDetector  # noqa: E402
-from sadtalker.options import Options  # noqa: E402
+from core.audio import load_audio, num_video_frames  # noqa: E402
+from core.errors import NoFaceError  # noqa: E402
+from core.engine import Frame  # noqa: E402
+from core.image import load_image  # noqa: E402
+from core.landmarks import LandmarkDetector  # noqa: E402
+from core.options import Options  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG_TEXT = ("Good evening, and welcome to the program. Tonight we talk about the first steps of people in space, "

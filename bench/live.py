@@ -129,7 +129,7 @@ def make_clip(seconds: float, folder: str) -> str:
     """The example speech tiled to ``seconds`` (16 kHz mono wav)."""
     import numpy as np
 
-    from sadtalker.audio import load_audio, write_wav
+    from core.audio import load_audio, write_wav
 
     speech = load_audio(str(EXAMPLE_AUDIO))
     total = int(seconds * 16000)
@@ -153,9 +153,9 @@ def fresh_portrait(folder: str, run: int) -> str:
 
 
 def studio_with_broadcaster(outputs: str):
-    from preview.broadcaster import Broadcaster
-    from preview.engines import load_engine
-    from preview.session import Studio
+    from live.broadcaster import Broadcaster
+    from live.engines import load_engine
+    from live.job import Studio
 
     broadcaster = Broadcaster(port=0).start()
     studio = Studio(broadcaster, outputs_dir=outputs, checkpoint_dir=str(ROOT / "checkpoints"))

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sadtalker.facerender import FaceRenderer, prepare_render_inputs  # noqa: E402
 from sadtalker.keypoints import transform_keypoints  # noqa: E402
-from sadtalker.models.blocks import reference_computation  # noqa: E402
+from sadtalker.models.fast_conv import reference_computation  # noqa: E402
 from sadtalker.models.generator import OcclusionAwareSPADEGenerator  # noqa: E402
 from sadtalker.models.keypoint_detector import KeypointDetector  # noqa: E402
 from sadtalker.models.mapping import MappingNet  # noqa: E402

@@ -37,7 +37,7 @@ def make_clip(seconds: float, folder: str) -> str:
     """The example speech tiled to ``seconds``."""
     import numpy as np
 
-    from sadtalker.audio import load_audio, write_wav
+    from core.audio import load_audio, write_wav
 
     wav = load_audio(str(EXAMPLE_AUDIO))
     reps = int(np.ceil(seconds * 16000 / wav.size))
@@ -55,8 +55,8 @@ def checkpoint_dir(given: str | None) -> str:
 
 
 def live(checkpoints: str, watch_s: float, folder: str) -> None:
-    from preview.session import Studio
-    from sadtalker.options import Options
+    from live.job import Studio
+    from core.options import Options
 
     studio = Studio(None, outputs_dir=os.path.join(folder, "outputs"), checkpoint_dir=checkpoints)
     audio = make_clip(10.0, folder)
@@ -94,8 +94,8 @@ def live(checkpoints: str, watch_s: float, folder: str) -> None:
 
 
 def preview_speed(checkpoints: str, folder: str) -> None:
-    from sadtalker.events import MotionReady
-    from sadtalker.options import Options
+    from core.engine import MotionReady
+    from core.options import Options
     from sadtalker.pipeline import SadTalkerPipeline
 
     pipeline = SadTalkerPipeline.from_checkpoints(checkpoints)
@@ -116,8 +116,8 @@ def rss_child(checkpoints: str, audio: str, frames: int) -> None:
     """Run one clip up to ``frames`` final frames; print peak RSS (MiB) after motion, after 1 frame, at the end."""
     import torch
 
-    from sadtalker.events import Frame, MotionReady
-    from sadtalker.options import Options
+    from core.engine import Frame, MotionReady
+    from core.options import Options
     from sadtalker.pipeline import SadTalkerPipeline
 
     torch.set_num_threads(2)

@@ -1,17 +1,17 @@
 """The idle animation: the uploaded face nods and blinks from the image alone, before any audio motion is known.
 
-It renders the same face crop (``warp.face_crop_box``) as the audio-driven preview, so switching from idle to
+It renders the same face crop (``crop.face_crop_box``) as the audio-driven preview, so switching from idle to
 preview frames keeps the framing.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from sadtalker.image import load_image
-from sadtalker.landmarks import LandmarkDetector, default_detector
+from core.engine import PREVIEW_SIZE
+from core.landmarks import LandmarkDetector, shared_detector
 
 from .motion import IdleMotion
-from .warp import PREVIEW_SIZE, CropRenderer
+from .warp import CropRenderer
 
 
 class IdleAnimator:
@@ -25,16 +25,10 @@ class IdleAnimator:
                  seed: int | None = None, points: np.ndarray | None = None):
         rgb = np.ascontiguousarray(rgb)
         if points is None:
-            points = (detector if detector is not None else default_detector()).detect(rgb).points
+            points = (detector if detector is not None else shared_detector()).detect(rgb).points
         self.size = int(size)
         self.motion = IdleMotion(seed)
         self._renderer = CropRenderer(rgb, points, self.size)
-
-    @classmethod
-    def from_image(cls, image: "str | np.ndarray", detector: LandmarkDetector | None = None,
-                   size: int = PREVIEW_SIZE, seed: int | None = None) -> "IdleAnimator":
-        """From a file path or any array ``load_image`` accepts (the same loading the engines do)."""
-        return cls(load_image(image), detector=detector, size=size, seed=seed)
 
     def render(self, t_seconds: float) -> np.ndarray:
         return self._renderer.render(self.motion.pose(t_seconds))

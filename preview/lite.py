@@ -11,21 +11,21 @@ from typing import Iterator
 
 import numpy as np
 
-from sadtalker.audio import load_audio, num_video_frames
-from sadtalker.events import Done, Event, Frame, MotionReady, Progress
-from sadtalker.image import load_image
-from sadtalker.landmarks import LandmarkDetector, default_detector
-from sadtalker.options import FPS, SAMPLE_RATE, Options
-from sadtalker.video import Mp4Writer
+from core.audio import load_audio, num_video_frames
+from core.engine import PREVIEW_SIZE, Done, Event, Frame, MotionReady, Progress
+from core.image import load_image
+from core.landmarks import LandmarkDetector, shared_detector
+from core.options import FPS, SAMPLE_RATE, Options
+from core.video import optional_mp4_writer
 
 from .motion import Motion, motion_from_audio
-from .warp import PREVIEW_SIZE, CropRenderer, FaceWarper
+from .warp import CropRenderer, FaceWarper
 
 PROGRESS_EVERY = 5  # render progress is reported at least every this many frames
 
 
 class LitePreview:
-    """The clip's motion rendered on the 128 px face crop (implements sadtalker.events.PreviewRenderer)."""
+    """The clip's motion rendered on the 128 px face crop (implements core.engine.PreviewRenderer)."""
 
     def __init__(self, rgb: np.ndarray, points: np.ndarray, motion: Motion, size: int = PREVIEW_SIZE):
         self.num_frames = motion.num_frames
@@ -45,7 +45,7 @@ class LiteEngine:
     name = "lite"
 
     def __init__(self, detector: LandmarkDetector | None = None):
-        self.detector = detector if detector is not None else default_detector()
+        self.detector = detector if detector is not None else shared_detector()
 
     def generate(self, image: "str | np.ndarray", audio: str, options: Options) -> Iterator[Event]:
         """Progress events per stage, one MotionReady, then every Frame (quality "final"), then Done.
@@ -76,11 +76,8 @@ class LiteEngine:
 
         warper = FaceWarper(rgb, face.points)
         height, width = rgb.shape[:2]
-        writer = None
-        video_path = None
-        try:
-            if options.output:
-                writer = Mp4Writer(options.output, width, height, audio_path=os.fspath(audio), duration_s=duration_s)
+        with optional_mp4_writer(options.output, width, height, audio_path=os.fspath(audio),
+                                 duration_s=duration_s) as writer:
             yield Progress("render", 0, num_frames, "Rendering frames")
             for index in range(num_frames):
                 frame = warper.render(motion.pose(index))
@@ -91,11 +88,7 @@ class LiteEngine:
                     yield Progress("render", index + 1, num_frames, f"Rendered {index + 1}/{num_frames} frames")
             if writer is not None:
                 yield Progress("encode", 0, 1, "Finishing the video")
-                finishing, writer = writer, None
-                video_path = finishing.close()  # removes the partial file itself if ffmpeg fails
-                yield Progress("encode", 1, 1, "Video ready")
-        finally:
-            if writer is not None:  # stopped (or failed) while frames were still going in: no half-written file
-                writer.abort()
-        yield Done(video_path=video_path, num_frames=num_frames, duration_s=duration_s, engine=self.name)
+        if options.output:
+            yield Progress("encode", 1, 1, "Video ready")
+        yield Done(video_path=options.output or None, num_frames=num_frames, duration_s=duration_s, engine=self.name)
 

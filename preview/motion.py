@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from sadtalker.options import FPS, SAMPLE_RATE
+from core.options import FPS, SAMPLE_RATE
 
 from .warp import Pose
 

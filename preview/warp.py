@@ -27,14 +27,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-PREVIEW_SIZE = 128
+from core.engine import PREVIEW_SIZE
+
+from .crop import EYE_A, EYE_B, cut_crop, face_crop_box
+from .tps import tps
 
 # Landmark indices (iBUG 68-point convention).
 JAW = np.arange(0, 17)
 BROWS = np.arange(17, 27)
 NOSE = np.arange(27, 36)
-EYE_A = np.arange(36, 42)  # the eye on the image's left
-EYE_B = np.arange(42, 48)
 MOUTH_OUTER = np.arange(48, 60)
 MOUTH_INNER = np.arange(60, 68)
 
@@ -55,55 +56,6 @@ class Pose:
 
 
 REST = Pose()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Crop framing (shared by the idle animation, the preview and anything else that shows "the face crop")
-# ---------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CropBox:
-    """A square region of the source image, in source pixels (may extend past the image)."""
-
-    x0: float
-    y0: float
-    side: float
-
-
-def face_crop_box(points: np.ndarray) -> CropBox:
-    """The face crop: SadTalker's FFHQ-style framing (centre just below the eyes, side ~4 eye distances)."""
-    points = np.asarray(points, dtype=np.float64)
-    eye_a, eye_b = points[EYE_A].mean(0), points[EYE_B].mean(0)
-    eye_avg = (eye_a + eye_b) / 2
-    eye_to_eye = eye_b - eye_a
-    eye_to_mouth = (points[48] + points[54]) / 2 - eye_avg
-    half = max(2.0 * np.linalg.norm(eye_to_eye), 1.8 * np.linalg.norm(eye_to_mouth), 8.0)
-    centre = eye_avg + 0.1 * eye_to_mouth
-    return CropBox(float(centre[0] - half), float(centre[1] - half), float(2 * half))
-
-
-def cut_crop(rgb: np.ndarray, box: CropBox, size: int, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The box resized to ``size`` px plus ``margin`` px of context on every side.
-
-    Returns (image of side size + 2*margin, affine (2, 3) mapping source pixels to that image's pixels).
-    Parts outside the photo repeat its edge pixels.
-    """
-    scale = size / box.side
-    ext = box.side * (size + 2 * margin) / size
-    x0 = int(math.floor(box.x0 - margin / scale))
-    y0 = int(math.floor(box.y0 - margin / scale))
-    side_px = max(1, int(math.ceil(ext)))
-    height, width = rgb.shape[:2]
-    pad = (max(0, -y0), max(0, y0 + side_px - height), max(0, -x0), max(0, x0 + side_px - width))
-    region = rgb[max(0, y0):min(height, y0 + side_px), max(0, x0):min(width, x0 + side_px)]
-    if any(pad):
-        region = cv2.copyMakeBorder(region, *pad, cv2.BORDER_REPLICATE)
-    out_side = size + 2 * margin
-    interpolation = cv2.INTER_AREA if side_px > out_side else cv2.INTER_LINEAR
-    crop = cv2.resize(region, (out_side, out_side), interpolation=interpolation)
-    factor = out_side / side_px
-    affine = np.array([[factor, 0.0, -x0 * factor], [0.0, factor, -y0 * factor]])
-    return crop, affine
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +215,7 @@ class FaceWarper:
                                                     self.head_rx / s, self.head_ry / s)
                 inside = mask > 0  # the spline is only needed where the head mask lets it act
                 fields = np.zeros(uv.shape[:2] + (len(EXPRESSION_BASES), 2))
-                fields[inside] = _tps(ctrl, values, uv[inside] / s) * s
+                fields[inside] = tps(ctrl, values, uv[inside] / s) * s
                 fields *= mask[..., None, None]
                 named = {name: self._to_image_vectors(fields[:, :, i]).astype(np.float32)
                          for i, name in enumerate(EXPRESSION_BASES)}
@@ -593,54 +545,6 @@ def _expression_controls(lm: np.ndarray, head_u: float, head_v: float, head_rx: 
     ctrl = np.concatenate([lm[keep], np.array(anchors)])
     vals = np.concatenate([values[keep], np.array(anchor_values)])
     return ctrl, vals
-
-
-def _tps(ctrl: np.ndarray, values: np.ndarray, query: np.ndarray, smoothing: float = 1e-4) -> np.ndarray:
-    """Thin-plate spline interpolation of ``values`` (N, ...) at ``ctrl`` (N, 2), evaluated at ``query`` (P, 2)."""
-    n = ctrl.shape[0]
-    flat = values.reshape(n, -1)
-
-    def kernel(a, b):
-        d2 = (a[:, None, 0] - b[None, :, 0]) ** 2 + (a[:, None, 1] - b[None, :, 1]) ** 2
-        return 0.5 * d2 * np.log(np.maximum(d2, 1e-12))  # r^2 log r
-
-    system = np.zeros((n + 3, n + 3))
-    system[:n, :n] = kernel(ctrl, ctrl) + smoothing * np.eye(n)
-    system[:n, n] = 1.0
-    system[:n, n + 1:] = ctrl
-    system[n, :n] = 1.0
-    system[n + 1:, :n] = ctrl.T
-    rhs = np.zeros((n + 3, flat.shape[1]))
-    rhs[:n] = flat
-    coef = _solve(system, rhs)
-    out = (np.einsum("pn,nm->pm", kernel(query, ctrl), coef[:n]) + coef[n]
-           + query[:, :1] * coef[n + 1] + query[:, 1:] * coef[n + 2])
-    return out.reshape((query.shape[0],) + values.shape[1:])
-
-
-def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Gaussian elimination with partial pivoting for a small dense system.
-
-    Deliberately not LAPACK: multithreaded OpenBLAS takes 10-50 ms instead of 0.3 ms for a 120x120 system when
-    the other core is busy (rendering, encoding), and this runs on the latency path of the idle animation.
-    """
-    a = np.array(a, dtype=np.float64)
-    b = np.array(b, dtype=np.float64)
-    n = a.shape[0]
-    for k in range(n):
-        pivot = k + int(np.argmax(np.abs(a[k:, k])))
-        if pivot != k:
-            a[[k, pivot]] = a[[pivot, k]]
-            b[[k, pivot]] = b[[pivot, k]]
-        if a[k, k] == 0.0:
-            raise np.linalg.LinAlgError("singular system")
-        factors = a[k + 1:, k] / a[k, k]
-        a[k + 1:, k:] -= factors[:, None] * a[k, k:]
-        b[k + 1:] -= factors[:, None] * b[k]
-    x = np.zeros_like(b)
-    for k in range(n - 1, -1, -1):
-        x[k] = (b[k] - np.einsum("j,jm->m", a[k, k + 1:], x[k + 1:])) / a[k, k]
-    return x
 
 
 def _increasing(curve: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,9 +2,9 @@
 
 This package never imports gradio, websockets or ``preview/``.
 """
-from .errors import CheckpointError, InputError, NoFaceError, SadTalkerError
-from .events import Done, Event, Frame, MotionReady, Progress
-from .options import FPS, SAMPLE_RATE, Options
+from core.errors import CheckpointError, InputError, NoFaceError, SadTalkerError
+from core.engine import Done, Event, Frame, MotionReady, Progress
+from core.options import FPS, SAMPLE_RATE, Options
 
 __all__ = ["CheckpointError", "InputError", "NoFaceError", "SadTalkerError", "Done", "Event", "Frame", "MotionReady",
            "Progress", "FPS", "SAMPLE_RATE", "Options"]

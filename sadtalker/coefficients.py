@@ -21,7 +21,7 @@ import torch
 from scipy.signal import savgol_filter
 
 from .align import align_face, coeff_3dmm, recon_input
-from .errors import InputError
+from core.errors import InputError
 from .mel import AudioFeatures
 from .models.audio2pose import LATENT_DIM, NUM_POSE_STYLES, num_noise_draws
 

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from core.errors import CheckpointError
 
 FACE_SIZE = 512  # GFPGAN / RestoreFormer work on 512x512 aligned faces
 # FFHQ 512 positions of the five points (facexlib's template): left eye, right eye, nose tip, mouth left, mouth right

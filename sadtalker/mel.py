@@ -16,8 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import InputError
-from .options import FPS, SAMPLE_RATE
+from core.errors import InputError
+from core.options import FPS, SAMPLE_RATE
 
 N_FFT = 800
 HOP = 200

@@ -18,23 +18,22 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from .audio import load_audio
+from core.audio import load_audio
 from .coefficients import (SMOOTHING_WINDOW, draw_motion_inputs, face_coefficients, num_noise_draws,
                            predict_coefficients)
 from .checkpoints import SadTalkerNetworks, find_checkpoints, load_networks
 from .enhancer import FaceEnhancer, try_load_enhancer
-from .errors import CheckpointError, InputError, NoFaceError
-from .events import Done, Event, Frame, MotionReady, Progress
+from core.errors import CheckpointError, InputError, NoFaceError
+from core.engine import Done, Event, Frame, MotionReady, Progress
 from .facerender import SEMANTIC_RADIUS, FaceRenderer, RenderInputs, frame_to_uint8, prepare_render_inputs
-from .image import load_image
+from core.image import load_image
 from .keypoint_preview import KeypointPreview
-from .landmarks import LandmarkDetector
+from core.landmarks import LandmarkDetector, shared_detector
 from .mel import AudioFeatures, audio_features
-from .options import FPS, Options
+from core.options import FPS, Options
 from .preprocess import CropResult, PasteBack, crop_portrait
-from .video import Mp4Writer
+from core.video import optional_mp4_writer
 
-FACE_ALIGNMENT_SUBDIR = os.path.join("hub", "checkpoints")  # face-alignment weights inside the checkpoint dir
 RECON_BATCH = 16  # reference-video frames per ReconNet call
 MAX_RENDER_WORKERS = 4
 FRAME_MEMORY_256 = 0.7 * 2 ** 30  # bytes a 256x256 frame in flight holds on a CPU (measured: bench/sadtalker_live.py)
@@ -63,8 +62,7 @@ class SadTalkerPipeline:
         self.checkpoint_dir = checkpoint_dir
         self.device = torch.device(device)
         self.dtype = dtype
-        weights_dir = os.path.join(checkpoint_dir, FACE_ALIGNMENT_SUBDIR)
-        self.detector = detector or LandmarkDetector("auto", weights_dir=weights_dir)
+        self.detector = detector or shared_detector(checkpoint_dir)
         self._networks: dict[int, SadTalkerNetworks] = {}
         self._enhancers: dict[tuple[str, str | None], tuple[FaceEnhancer | None, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
@@ -210,11 +208,8 @@ class SadTalkerPipeline:
         width, height = source.crop.frame_size()
         if enhancer is not None:
             height, width = enhancer.output_shape((height, width))
-        writer = None
-        if options.output is not None:
-            writer = Mp4Writer(options.output, width, height, audio_path=audio, duration_s=duration)
         yield Progress("render", 0, num_frames, f"Rendering {num_frames} frames at {options.size}x{options.size}")
-        try:
+        with optional_mp4_writer(options.output, width, height, audio_path=audio, duration_s=duration) as writer:
             frames = renderer.frames(inputs, batch_size=options.batch_size, workers=self._render_workers(options.size))
             for index, rendered in enumerate(frames):
                 frame = paste(frame_to_uint8(rendered))
@@ -226,11 +221,6 @@ class SadTalkerPipeline:
                 yield Progress("render", index + 1, num_frames, f"Rendered {index + 1}/{num_frames} frames")
             if writer is not None:
                 yield Progress("encode", 0, 1, "Finishing the video")
-                writer.close()
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
         yield Done(video_path=options.output, num_frames=num_frames,
                    duration_s=duration, engine=self.name, warnings=warnings)
 

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import scipy.fft
 
-from .errors import InputError, NoFaceError
+from core.errors import InputError, NoFaceError
 
 Mode = Literal["crop", "extcrop", "resize", "full", "extfull"]
 MODES: tuple[str, ...] = ("crop", "extcrop", "resize", "full", "extfull")

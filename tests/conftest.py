@@ -87,10 +87,10 @@ import time as _time
 
 import numpy as _np
 
-from sadtalker.audio import load_audio as _load_audio, num_video_frames as _num_video_frames
-from sadtalker.events import Done as _Done, Frame as _Frame, MotionReady as _MotionReady, Progress as _Progress
-from sadtalker.image import load_image as _load_image
-from sadtalker.video import Mp4Writer as _Mp4Writer
+from core.audio import load_audio as _load_audio, num_video_frames as _num_video_frames
+from core.engine import Done as _Done, Frame as _Frame, MotionReady as _MotionReady, Progress as _Progress
+from core.image import load_image as _load_image
+from core.video import Mp4Writer as _Mp4Writer
 
 
 def frame_code(index: int) -> int:

@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file
 from websockets.sync.client import connect
 
 from conftest import ROOT
-from sadtalker.audio import ffmpeg_exe, load_audio
+from core.audio import ffmpeg_exe, load_audio
 
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
 EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"

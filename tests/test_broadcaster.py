@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect
 
-from preview.broadcaster import Broadcaster
+from live.broadcaster import Broadcaster
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_slow_viewer_gets_only_latest_frames_and_never_slows_the_producer(broadc
 
 
 def test_malformed_client_messages_are_ignored_and_logged(broadcaster, caplog):
-    caplog.set_level(logging.WARNING, logger="preview.broadcaster")
+    caplog.set_level(logging.WARNING, logger="live.broadcaster")
     with connect(broadcaster.url) as ws:
         receive(ws)
         for bad in ["not json", "[1, 2]", '{"no": "type"}', '{"type": 5}', '{"type": "follow", "job": 5}',

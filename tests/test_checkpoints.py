@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import save_file
 
 from sadtalker import checkpoints as ck
-from sadtalker.errors import CheckpointError
+from core.errors import CheckpointError
 from sadtalker.synthetic import file_spec, synthetic_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import torch
 from sadtalker import coefficients as co
 from sadtalker import mel
 from sadtalker.checkpoints import load_networks
-from sadtalker.errors import InputError
+from core.errors import InputError
 from sadtalker.models.audio2pose import num_noise_draws
 from synthetic_checkpoints import synthetic_checkpoint_dir
 

@@ -13,7 +13,7 @@ import torch
 
 from sadtalker.enhancer import (FACE_TEMPLATE, BackgroundUpsampler, EnhancerWeightsMissing, FaceEnhancer,
                                 five_points, load_enhancer, try_load_enhancer)
-from sadtalker.errors import CheckpointError
+from core.errors import CheckpointError
 
 
 def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from preview.session import Studio
-from sadtalker.audio import ffmpeg_exe, write_wav
-from sadtalker.options import Options
+from live.job import Studio
+from core.audio import ffmpeg_exe, write_wav
+from core.options import Options
 
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
 EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"

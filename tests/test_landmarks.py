@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from sadtalker.errors import CheckpointError, NoFaceError
-from sadtalker.image import load_image
-from sadtalker.landmarks import LandmarkDetector
+from core.errors import CheckpointError, NoFaceError
+from core.image import load_image
+from core.landmarks import LandmarkDetector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORTRAIT = os.path.join(ROOT, "examples", "portrait.png")

@@ -16,12 +16,12 @@ from preview.idle import IdleAnimator
 from preview.lite import LiteEngine
 from preview.motion import motion_from_audio
 from preview.warp import REST, CropRenderer, FaceWarper, Pose
-from sadtalker.audio import ffmpeg_exe, load_audio, write_wav
-from sadtalker.errors import InputError, NoFaceError
-from sadtalker.events import Done, Frame, MotionReady, Progress
-from sadtalker.image import load_image
-from sadtalker.landmarks import LandmarkDetector
-from sadtalker.options import FPS, SAMPLE_RATE, Options
+from core.audio import ffmpeg_exe, load_audio, write_wav
+from core.errors import InputError, NoFaceError
+from core.engine import Done, Frame, MotionReady, Progress
+from core.image import load_image
+from core.landmarks import LandmarkDetector
+from core.options import FPS, SAMPLE_RATE, Options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORTRAIT = os.path.join(ROOT, "examples", "portrait.png")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sadtalker import mel
-from sadtalker.errors import InputError
+from core.errors import InputError
 
 
 def test_window_starts_truncate_toward_zero_like_python_int():

@@ -13,13 +13,13 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from sadtalker.audio import ffmpeg_exe, load_audio, write_wav
-from sadtalker.errors import CheckpointError, InputError, NoFaceError
-from sadtalker.events import Done, Frame, MotionReady, Progress
-from sadtalker.image import load_image
+from core.audio import ffmpeg_exe, load_audio, write_wav
+from core.errors import CheckpointError, InputError, NoFaceError
+from core.engine import Done, Frame, MotionReady, Progress
+from core.image import load_image
 from sadtalker.keypoint_preview import KeypointPreview
-from sadtalker.landmarks import LandmarkDetector
-from sadtalker.options import Options
+from core.landmarks import LandmarkDetector
+from core.options import Options
 from sadtalker.pipeline import SadTalkerPipeline
 from sadtalker.preprocess import crop_portrait
 from synthetic_checkpoints import FILES_256, synthetic_checkpoint_dir

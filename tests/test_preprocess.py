@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sadtalker.errors import InputError, NoFaceError
+from core.errors import InputError, NoFaceError
 from sadtalker.preprocess import MODES, CropResult, PasteBack, crop_portrait, paste_back
 
 EYES = list(range(36, 48))

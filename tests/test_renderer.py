@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sadtalker.facerender import (FaceRenderer, batch_layout, camera_pose_sequence, driving_coefficients,
                                   frame_to_uint8, gen_camera_pose, prepare_render_inputs, semantic_window)
 from sadtalker.keypoints import degrees_from_bins, rotation_matrix, transform_keypoints
-from sadtalker.models.blocks import UpsampledConv3x3, conv2d_same, conv3d_same, reference_computation
+from sadtalker.models.fast_conv import UpsampledConv3x3, conv2d_same, conv3d_same, reference_computation
 from sadtalker.models.generator import OcclusionAwareSPADEGenerator
 from sadtalker.models.head_pose_estimator import HeadPoseEstimator
 from sadtalker.models.keypoint_detector import KeypointDetector

@@ -23,12 +23,12 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from conftest import ScriptedEngine, ScriptedIdle, decode_code
-from preview.broadcaster import Broadcaster
-from preview.engines import SADTALKER_REQUIRED, choose_engine
-from preview.session import Job, Studio, new_job_id, run_headless
-from sadtalker.audio import ffmpeg_exe, write_wav
-from sadtalker.errors import InputError
-from sadtalker.options import Options
+from live.broadcaster import Broadcaster
+from live.engines import SADTALKER_REQUIRED, choose_engine
+from live.job import Job, Studio, new_job_id, run_headless
+from core.audio import ffmpeg_exe, write_wav
+from core.errors import InputError
+from core.options import Options
 
 
 @pytest.fixture
@@ -234,7 +234,7 @@ def test_a_user_error_from_the_engine_is_reported_and_nothing_is_kept(broadcaste
 
 
 def test_an_unexpected_engine_failure_is_logged_with_its_traceback(broadcaster, inputs, tmp_path, caplog):
-    caplog.set_level(logging.ERROR, logger="preview.session")
+    caplog.set_level(logging.ERROR, logger="live.job")
     engine = ScriptedEngine(num_frames=50, fail_at=3, error=ZeroDivisionError("division by zero"))
     job = start_job(engine, inputs, broadcaster, tmp_path)
     assert job.wait(10)

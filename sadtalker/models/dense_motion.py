@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import DerivedTensors, Hourglass, SameConv3d, fast_paths_enabled, keypoint_gaussians, make_coordinate_grid
+from .blocks import Hourglass, keypoint_gaussians, make_coordinate_grid
+from .fast_conv import DerivedTensors, SameConv3d, fast_paths_enabled
 
 
 class DenseMotion(NamedTuple):

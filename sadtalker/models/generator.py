@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (DerivedTensors, DownBlock2d, ResBlock3d, SameBlock2d, SameConv2d, SPADEResnetBlock,
-                     UpsampledConv3x3, conv2d_same, fast_paths_enabled)
+from .blocks import DownBlock2d, ResBlock3d, SameBlock2d, SPADEResnetBlock
+from .fast_conv import DerivedTensors, SameConv2d, UpsampledConv3x3, conv2d_same, fast_paths_enabled
 from .dense_motion import DenseMotionNetwork
 
 DENSE_MOTION_PARAMS = dict(block_expansion=32, max_features=1024, num_blocks=5, reshape_depth=16, compress=4)

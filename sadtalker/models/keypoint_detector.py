@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AntiAliasDownsample, KeypointHourglass, make_coordinate_grid, reference_computation
+from .blocks import AntiAliasDownsample, KeypointHourglass, make_coordinate_grid
+from .fast_conv import reference_computation
 
 
 class KeypointDetector(nn.Module):

@@ -1,14 +1,18 @@
-"""Typed events produced by every engine's ``generate(image, audio, options)``.
+"""The engine contract: every engine's ``generate(image, audio, options)`` yields these typed events.
 
-The UI, the broadcaster and the headless renderer all consume the same stream.
-Cancelling a generation is simply: stop iterating.
+The live jobs, the viewers and the headless renderer all consume the same stream. Cancelling a generation is simply:
+stop iterating (the engine's ``finally`` stops its encoder and removes the partial file).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Iterator, Literal, Protocol
 
 import numpy as np
+
+from .options import Options
+
+PREVIEW_SIZE = 128  # side of the square preview and idle frames (pixels)
 
 Quality = Literal["idle", "preview", "final"]
 
@@ -39,7 +43,7 @@ class PreviewRenderer(Protocol):
     num_frames: int
 
     def render(self, index: int) -> np.ndarray:
-        """(128, 128, 3) uint8 preview of frame ``index``, driven by the final video's motion."""
+        """(PREVIEW_SIZE, PREVIEW_SIZE, 3) uint8 preview of frame ``index``, driven by the final video's motion."""
         ...
 
 
@@ -65,3 +69,11 @@ class Done:
 
 
 Event = Progress | Frame | MotionReady | Done
+
+
+class Engine(Protocol):
+    """What the live layer runs: loaded once per process, ``generate`` is safe for concurrent jobs."""
+
+    name: str  # "lite" or "sadtalker"
+
+    def generate(self, image: "str | np.ndarray", audio: str, options: Options) -> Iterator[Event]: ...

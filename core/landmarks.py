@@ -168,17 +168,25 @@ class LandmarkDetector:
         return Face(box=box, points=_frozen(points), backend="face_alignment")
 
 
-_default: LandmarkDetector | None = None
-_default_lock = threading.Lock()
+# Where the app looks for face-alignment's weights inside a checkpoint folder (torch hub's layout).
+FACE_ALIGNMENT_SUBDIR = os.path.join("hub", "checkpoints")
+
+_shared: dict[str | None, LandmarkDetector] = {}
+_shared_lock = threading.Lock()
 
 
-def default_detector() -> LandmarkDetector:
-    """The process-wide detector (backend "auto"), created on first use."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = LandmarkDetector()
-        return _default
+def shared_detector(checkpoint_dir: str | None = None) -> LandmarkDetector:
+    """The process-wide detector (backend "auto") for a checkpoint folder, created on first use.
+
+    Both engines and the idle animation use this one, so a photo's face is detected once (the detector caches by
+    image content) and the models load once.
+    """
+    weights_dir = os.path.join(os.path.abspath(checkpoint_dir), FACE_ALIGNMENT_SUBDIR) if checkpoint_dir else None
+    with _shared_lock:
+        detector = _shared.get(weights_dir)
+        if detector is None:
+            detector = _shared[weights_dir] = LandmarkDetector(weights_dir=weights_dir)
+        return detector
 
 
 def _search_copies(rgb: np.ndarray):

@@ -4,9 +4,11 @@ Memory stays flat in clip length: nothing but the frame being written is held he
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
+from typing import ContextManager
 
 import numpy as np
 
@@ -95,3 +97,8 @@ class Mp4Writer:
             os.remove(self.path)
         except FileNotFoundError:
             pass
+
+
+def optional_mp4_writer(path: str | None, width: int, height: int, **kwargs) -> "ContextManager[Mp4Writer | None]":
+    """``with optional_mp4_writer(options.output, ...) as writer``: an Mp4Writer, or None when no file is wanted."""
+    return Mp4Writer(path, width, height, **kwargs) if path else contextlib.nullcontext()

@@ -13,9 +13,9 @@ from typing import Iterator, Literal, Protocol
 
 import numpy as np
 
-from sadtalker.errors import InputError
-from sadtalker.events import Event
-from sadtalker.options import Options
+from core.errors import InputError
+from core.engine import Event
+from core.options import Options
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from typing import Callable, Iterator, Literal, TextIO
 import numpy as np
 from PIL import Image
 
-from sadtalker.errors import InputError, SadTalkerError
-from sadtalker.events import Done, Frame, MotionReady, PreviewRenderer, Progress
-from sadtalker.image import load_image
-from sadtalker.options import FPS, Options
+from core.errors import InputError, SadTalkerError
+from core.engine import Done, Frame, MotionReady, PreviewRenderer, Progress
+from core.image import load_image
+from core.options import FPS, Options
 
 from .broadcaster import Broadcaster, encode_jpeg
 from .engines import Engine, choose_engine, load_engine

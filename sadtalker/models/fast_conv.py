@@ -1,0 +1,198 @@
+"""Fast CPU paths for the renderer's convolutions: same results within float32 rounding, fewer seconds per frame.
+
+Not the paper's layers (those are in ``blocks.py`` and the network files) but how some of them are computed:
+3x3 convolutions through NNPACK's Winograd kernels, 3-D convolutions as NNPACK depth slices, nearest up-sampling
+followed by a 3x3 convolution folded into one smaller convolution per output phase, and caches of tensors derived
+from weights. ``reference_computation()`` switches all of it off (side-by-side checks, speed comparisons).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+_FAST_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("fast_paths", default=True)
+
+
+@contextlib.contextmanager
+def reference_computation():
+    """Within this block (this thread / context) the networks compute as the reference code does: plain
+    ``F.conv2d``, each SPADE on its own up-sampled label map. For side-by-side checks and speed comparisons."""
+    token = _FAST_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.reset(token)
+
+
+def fast_paths_enabled() -> bool:
+    return _FAST_PATHS.get()
+
+
+@functools.lru_cache(maxsize=1)
+def _nnpack_ready() -> bool:
+    # NNPACK must be initialised through _nnpack_available() before its convolution can be called.
+    try:
+        return bool(torch._nnpack_available())
+    except Exception:  # pragma: no cover - builds without NNPACK
+        return False
+
+
+def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Stride-1 convolution with 'same' zero padding (odd square kernel).
+
+    On CPU in float32 (no autograd) 3x3 kernels go through NNPACK's Winograd convolution, about 1.5-2x faster than
+    the direct one on AVX2 CPUs and within ~2e-5 relative of it per layer; elsewhere plain ``F.conv2d``.
+    NNPACK's batched path is slow, so a batch is convolved one sample at a time.
+    """
+    k = weight.shape[-1]
+    if (k == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.shape[-1] >= 16 and x.shape[-2] >= 16 and not torch.is_grad_enabled()
+            and _FAST_PATHS.get() and _nnpack_ready()):
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        weight = weight.contiguous()
+        outs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1])
+                for i in range(x.shape[0])]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return F.conv2d(x, weight, bias, padding=k // 2)
+
+
+# 3-D convolutions at least this wide (H and W) and with this many input channels go through NNPACK slice by
+# slice (see conv3d_same); narrower ones are faster as one direct 3-D convolution.
+NNPACK_3D_MIN_SIZE = 64
+NNPACK_3D_MIN_CHANNELS = 64
+
+
+def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stacked_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Stride-1 3-D convolution with 'same' zero padding (odd cubic kernel), x (B, C, D, H, W).
+
+    Fast path (CPU float32, no autograd, NNPACK, wide slices): the k depth taps of the kernel are stacked into
+    k * C_out output channels of one 2-D kernel, each input depth slice is convolved once by NNPACK (Winograd
+    for 3x3, FFT for larger kernels) and its k outputs are added to the output slices they belong to. Same
+    multiply-adds as the direct 3-D convolution, but the 2-D kernels run about 1.5-2x faster on AVX2 CPUs.
+    ``stacked_weight``: the (k * C_out, C_in, k, k) re-arrangement of ``weight`` if the caller caches it.
+    """
+    k = weight.shape[-1]
+    b, _, d, h, w = x.shape
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
+            and w >= NNPACK_3D_MIN_SIZE and x.shape[1] >= NNPACK_3D_MIN_CHANNELS and not torch.is_grad_enabled()
+            and _FAST_PATHS.get() and _nnpack_ready()):
+        return F.conv3d(x, weight, bias, padding=k // 2)
+    c_out, pad = weight.shape[0], k // 2
+    if stacked_weight is None:
+        stacked_weight = stack_depth_taps(weight)
+    zeros = weight.new_zeros(stacked_weight.shape[0])
+    if bias is None:
+        out = x.new_zeros(b, c_out, d, h, w)
+    else:
+        out = bias.view(1, -1, 1, 1, 1).expand(b, c_out, d, h, w).clone()
+    for n in range(b):
+        for z in range(d):
+            taps = torch._nnpack_spatial_convolution(x[n:n + 1, :, z].contiguous(), stacked_weight, zeros, [pad, pad])
+            taps = taps.view(k, c_out, h, w)  # tap kd of input slice z lands in output slice z - kd + pad
+            first, last = max(0, pad - (d - 1 - z)), min(k - 1, z + pad)
+            for kd in range(first, last + 1):
+                out[n, :, z - kd + pad] += taps[kd]
+    return out
+
+
+def stack_depth_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, k, k, k) -> (k * C_out, C_in, k, k): depth tap major, for conv3d_same."""
+    c_out, c_in, k = weight.shape[:3]
+    return weight.permute(2, 0, 1, 3, 4).reshape(k * c_out, c_in, k, k).contiguous()
+
+
+class DerivedTensors:
+    """Tensors computed from module weights (folded or re-arranged kernels), rebuilt when a source tensor changes.
+
+    A source counts as changed when it is a different tensor or was modified in place (``_version``), e.g. by
+    ``load_state_dict`` or ``.to()``. With autograd enabled nothing is cached (gradients must flow to the weights).
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, object]] = {}
+
+    def get(self, name: str, sources: tuple[torch.Tensor | None, ...], build):
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+                    for t in sources)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            entry = (key, build())
+            self._entries[name] = entry
+        return entry[1]
+
+
+class SameConv2d(nn.Conv2d):
+    """nn.Conv2d (stride 1, 'same' padding) that takes the fast path of ``conv2d_same``; same state-dict keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same(x, self.weight, self.bias)
+
+
+class SameConv3d(nn.Conv3d):
+    """nn.Conv3d (stride 1, 'same' padding) that takes the fast path of ``conv3d_same``; same state-dict keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self._derived = DerivedTensors()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = self._derived.get("stacked", (self.weight,), lambda: stack_depth_taps(self.weight))
+        return conv3d_same(x, self.weight, self.bias, stacked)
+
+
+class UpsampledConv3x3:
+    """``conv3x3(nearest_upsample(x, scale), padding=1)`` computed on the low-resolution input.
+
+    With nearest up-sampling by an integer ``scale``, output pixel s*i + p only sees low-resolution pixels i-1, i,
+    i+1: per axis, phase p = 0 reads {i-1, i}, phase s-1 reads {i, i+1} and the phases between read only {i}. The
+    3x3 taps landing on the same low-resolution pixel are summed into a smaller kernel per phase, and the phases
+    sharing a footprint form one small convolution: the same result (up to rounding) with 2.25x (s=2) or 4x (s=4)
+    fewer multiply-adds. Zero padding maps exactly: the padded ring of the up-sampled image is that of ``x``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: int):
+        assert weight.shape[-2:] == (3, 3) and scale >= 2
+        # per axis: phase -> (first low-res offset, taps summed into each low-res position)
+        first, middle, last = (-1, ([0], [1, 2])), (0, ([0, 1, 2],)), (0, ([0, 1], [2]))
+        self.phases = [first] + [middle] * (scale - 2) + [last]
+        self.scale = scale
+        self.out_channels = weight.shape[0]
+        groups: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
+        for py, (oy, ty) in enumerate(self.phases):
+            for px, (ox, tx) in enumerate(self.phases):
+                groups.setdefault((oy, len(ty), ox, len(tx)), []).append((py, px))
+        self.groups = []
+        for footprint, members in groups.items():
+            kernels = []
+            for py, px in members:
+                rows, cols = self.phases[py][1], self.phases[px][1]
+                kernel = torch.stack([torch.stack([weight[:, :, r][:, :, :, c].sum(dim=(2, 3)) for c in cols], dim=-1)
+                                      for r in rows], dim=-2)  # (C_out, C_in, len(rows), len(cols))
+                kernels.append(kernel)
+            group_bias = None if bias is None else bias.repeat(len(members))
+            self.groups.append((footprint, members, torch.cat(kernels, dim=0), group_bias))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        s, c_out = self.scale, self.out_channels
+        x_pad = F.pad(x, (1, 1, 1, 1))
+        out = x.new_empty(b, c_out, h, s, w, s)  # (B, C, H, s, W, s) viewed as (B, C, H*s, W*s) at the end
+        for (oy, ny, ox, nx), members, kernel, bias in self.groups:
+            window = x_pad[:, :, 1 + oy:1 + oy + h + ny - 1, 1 + ox:1 + ox + w + nx - 1]
+            result = F.conv2d(window, kernel, bias).view(b, len(members), c_out, h, w)
+            for m, (py, px) in enumerate(members):
+                out[:, :, :, py, :, px] = result[:, m]
+        return out.view(b, c_out, h * s, w * s)
