@@ -22,17 +22,16 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from preview.lite import LiteEngine, LitePreview  # noqa: E402
-from preview.motion import audio_features, motion_from_audio  # noqa: E402
-from preview.warp import FaceWarper  # noqa: E402
-from core.audio import load_audio, num_video_frames  # noqa: E402
-from core.errors import NoFaceError  # noqa: E402
-from core.engine import Frame  # noqa: E402
-from core.image import load_image  # noqa: E402
-from core.landmarks import LandmarkDetector  # noqa: E402
-from core.options import Options  # noqa: E402
+from preview.lite import LiteEngine, LitePreview
+from preview.motion import audio_features, motion_from_audio
+from preview.warp import FaceWarper
+from core.audio import load_audio, num_video_frames
+from core.errors import NoFaceError
+from core.engine import Frame
+from core.image import load_image
+from core.landmarks import LandmarkDetector
+from core.options import Options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG_TEXT = ("Good evening, and welcome to the program. Tonight we talk about the first steps of people in space, "

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
 EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"
@@ -155,7 +154,7 @@ def fresh_portrait(folder: str, run: int) -> str:
 def studio_with_broadcaster(outputs: str):
     from live.broadcaster import Broadcaster
     from live.engines import load_engine
-    from live.job import Studio
+    from live.studio import Studio
 
     broadcaster = Broadcaster(port=0).start()
     studio = Studio(broadcaster, outputs_dir=outputs, checkpoint_dir=str(ROOT / "checkpoints"))

@@ -20,9 +20,8 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sadtalker.preprocess import PasteBack, crop_portrait  # noqa: E402
+from sadtalker.preprocess import PasteBack, crop_portrait
 
 
 def astronaut_with_landmarks():
@@ -65,9 +64,7 @@ def bench_paste_back(repeats: int) -> None:
 
 def bench_enhancer(repeats: int) -> None:
     from sadtalker.enhancer import load_enhancer
-    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-    sys.path.insert(0, tests)
-    from test_enhancer import cached_synthetic_gfpgan, face_frame  # synthetic GFPGANv1.4.pth, cached in temp
+    from sadtalker.synthetic import cached_synthetic_gfpgan, synthetic_face_frame as face_frame
 
     with tempfile.TemporaryDirectory() as folder:
         os.symlink(cached_synthetic_gfpgan(), os.path.join(folder, "GFPGANv1.4.pth"))

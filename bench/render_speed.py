@@ -20,15 +20,14 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sadtalker.facerender import FaceRenderer, prepare_render_inputs  # noqa: E402
-from sadtalker.keypoints import transform_keypoints  # noqa: E402
-from sadtalker.models.fast_conv import reference_computation  # noqa: E402
-from sadtalker.models.generator import OcclusionAwareSPADEGenerator  # noqa: E402
-from sadtalker.models.keypoint_detector import KeypointDetector  # noqa: E402
-from sadtalker.models.mapping import MappingNet  # noqa: E402
-from sadtalker.synthetic import file_spec, synthetic_state  # noqa: E402
+from sadtalker.facerender import FaceRenderer, prepare_render_inputs
+from sadtalker.keypoints import transform_keypoints
+from sadtalker.models.fast_conv import reference_computation
+from sadtalker.models.generator import OcclusionAwareSPADEGenerator
+from sadtalker.models.keypoint_detector import KeypointDetector
+from sadtalker.models.mapping import MappingNet
+from sadtalker.synthetic import file_spec, synthetic_state
 
 
 def _load_synthetic(module: torch.nn.Module, file_name: str, prefix: str) -> torch.nn.Module:

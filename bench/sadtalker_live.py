@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
 EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"
@@ -49,13 +48,13 @@ def make_clip(seconds: float, folder: str) -> str:
 def checkpoint_dir(given: str | None) -> str:
     if given:
         return given
-    from synthetic_checkpoints import synthetic_checkpoint_dir
+    from sadtalker.synthetic import cached_official_layout as synthetic_checkpoint_dir
 
     return synthetic_checkpoint_dir(legacy=False)
 
 
 def live(checkpoints: str, watch_s: float, folder: str) -> None:
-    from live.job import Studio
+    from live.studio import Studio
     from core.options import Options
 
     studio = Studio(None, outputs_dir=os.path.join(folder, "outputs"), checkpoint_dir=checkpoints)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from .errors import InputError
@@ -25,27 +25,57 @@ NUM_POSE_STYLES = 46  # Audio2Pose has 46 class embeddings: pose_style 0..45
 
 
 @dataclass(frozen=True)
+class Control:
+    """How a user sets one option: the CLI flag and the page control are both built from this (one source)."""
+
+    label: str  # the page control's label; also the start of the CLI help
+    help: str = ""  # one line more
+    engines: Literal["all", "sadtalker"] = "sadtalker"  # "sadtalker": greyed out on the page while Lite runs
+    choices: tuple | None = None
+    slider: tuple[float, float, float] | None = None  # (min, max, step) of the page's slider
+    flag: str = ""  # the CLI flag when it is not --<name-with-dashes>
+
+
+def _option(default, control: Control | None = None):
+    return field(default=default, metadata={"control": control} if control else {})
+
+
+@dataclass(frozen=True)
 class Options:
     # --- every engine ---
     output: str | None = None  # mp4 to write (H.264 + AAC); None = frames only (benchmarks, tests)
-    seed: int | None = None  # randomness of head motion / blinks / pose noise; None = fresh each run
     max_audio_s: float = 300.0  # longer audio is refused up front (memory and time are linear in length)
-    use_blink: bool = True  # natural eye blinks
+    seed: int | None = _option(None, Control(  # randomness of head motion / blinks / pose noise
+        "Seed", "fixed randomness (head motion, blinks); empty = different each time", engines="all"))
+    use_blink: bool = _option(True, Control("Eye blinks", "natural eye blinks", engines="all", flag="--blink"))
 
-    # --- SadTalker engine (the lite engine ignores these; the UI greys them out) ---
-    preprocess: Preprocess = "crop"  # how the portrait is cropped for the renderer
-    still: bool = False  # keep the source head pose (less head motion), as the official --still
-    pose_style: int = 0  # one of the 46 learned head-motion styles
-    expression_scale: float = 1.0  # >1 exaggerates mouth/expression, <1 calms it
-    size: Literal[256, 512] = 256  # renderer resolution (selects the 256 or 512 checkpoint)
-    batch_size: int = 2  # frames rendered per network call
-    enhancer: Enhancer | None = None  # face restoration of every frame (needs its weights in checkpoints/)
-    background_enhancer: BackgroundEnhancer | None = None  # RealESRGAN x2 on the whole frame
-    ref_eyeblink: str | None = None  # video whose eye blinks (expression) drive the eyes
-    ref_pose: str | None = None  # video whose head motion is added to the generated pose
-    input_yaw: tuple[float, ...] | None = None  # degrees; one value = constant, several = a path through them
-    input_pitch: tuple[float, ...] | None = None
-    input_roll: tuple[float, ...] | None = None
+    # --- SadTalker engine (the Lite engine ignores these; the page greys them out) ---
+    preprocess: Preprocess = _option("crop", Control(  # how the portrait is cropped for the renderer
+        "Preprocess", "crop the face, or animate the full image (full / extfull)", choices=PREPROCESS_CHOICES))
+    still: bool = _option(False, Control("Still mode", "keep the photo's head pose (less head motion)"))
+    pose_style: int = _option(0, Control(  # one of the 46 learned head-motion styles
+        "Pose style", f"one of the learned head-motion styles, 0..{NUM_POSE_STYLES - 1}",
+        slider=(0, NUM_POSE_STYLES - 1, 1)))
+    expression_scale: float = _option(1.0, Control(
+        "Expression scale", ">1 exaggerates mouth and expression, <1 calms it", slider=(0.0, 3.0, 0.1)))
+    size: Literal[256, 512] = _option(256, Control(  # selects the 256 or 512 checkpoint
+        "Face render size", "renderer resolution in pixels", choices=(256, 512)))
+    batch_size: int = _option(2, Control("Batch size", "frames per network call", slider=(1, 10, 1)))
+    enhancer: Enhancer | None = _option(None, Control(  # needs its weights in checkpoints/
+        "Face enhancer", "restore the face in every frame", choices=ENHANCER_CHOICES))
+    background_enhancer: BackgroundEnhancer | None = _option(None, Control(
+        "Background enhancer", "RealESRGAN x2 on the whole frame (with a face enhancer)",
+        choices=BACKGROUND_ENHANCER_CHOICES))
+    ref_eyeblink: str | None = _option(None, Control(
+        "Eye-blink reference video", "a video whose eye blinks drive the eyes"))
+    ref_pose: str | None = _option(None, Control(
+        "Head-pose reference video", "a video whose head motion is added to the generated pose"))
+    input_yaw: tuple[float, ...] | None = _option(None, Control(  # one value = constant, several = a path
+        "Yaw path", "degrees; one value holds it, several move the head through them"))
+    input_pitch: tuple[float, ...] | None = _option(None, Control(
+        "Pitch path", "degrees; one value holds it, several move the head through them"))
+    input_roll: tuple[float, ...] | None = _option(None, Control(
+        "Roll path", "degrees; one value holds it, several move the head through them"))
 
     def check(self) -> "Options":
         """Raise InputError saying what to change if any value is unusable; return self."""
@@ -75,3 +105,52 @@ class Options:
             if path is not None and not os.path.isfile(path):
                 raise InputError(f"{name.replace('_', ' ')} video {path!r} does not exist; choose a video file or leave it empty.")
         return self
+
+
+def user_options() -> list[tuple[str, object, Control]]:
+    """(field name, default, control) of every option a user sets, in the order the page shows them."""
+    return [(f.name, f.default, f.metadata["control"]) for f in fields(Options) if "control" in f.metadata]
+
+
+def cli_flag(name: str, control: Control) -> str:
+    return control.flag or "--" + name.replace("_", "-")
+
+
+def is_path_option(name: str) -> bool:
+    return name in ("ref_eyeblink", "ref_pose")
+
+
+def is_angle_path_option(name: str) -> bool:
+    return name in ("input_yaw", "input_pitch", "input_roll")
+
+
+def options_from_user(values: dict, **fixed) -> Options:
+    """Options from what a user typed or picked (page controls, CLI flags, JSON): blanks and "none" mean unset,
+    sliders' floats become whole numbers where the option is one, angle paths may be "10, -10" text. Checked."""
+    kwargs = dict(fixed)
+    for name, default, control in user_options():
+        if name not in values:
+            continue
+        value = values[name]
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            value = None
+        if value is None:
+            kwargs[name] = None if default is None else default
+            continue
+        try:
+            if is_angle_path_option(name):
+                parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+                value = tuple(float(v) for v in parts)
+            elif isinstance(default, bool):
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            elif name in ("seed", "pose_style", "batch_size", "size"):
+                number = float(value)
+                if number != int(number):
+                    raise ValueError
+                value = int(number)
+            elif isinstance(default, float):
+                value = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{control.label}: {value!r} is not a valid value ({control.help}).") from None
+        kwargs[name] = value
+    return Options(**kwargs).check()

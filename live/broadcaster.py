@@ -167,15 +167,17 @@ class Broadcaster:
     def publish_error(self, job: str, message: str) -> None:
         self._publish({"type": "error", "job": job, "message": message})
 
-    def publish_frame(self, job: str, seq: int, t: float, quality: str, rgb: np.ndarray) -> None:
-        """Queue a frame for JPEG encoding; if the encoder is behind, an older queued frame of this job is dropped."""
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ValueError(f"frame must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    def publish_frame(self, job: str, seq: int, t: float, quality: str, rgb: np.ndarray | None = None,
+                      jpeg: bytes | None = None) -> None:
+        """Queue a frame (pixels to encode, or a JPEG already encoded); if the encoder is behind, an older queued
+        frame of this job is dropped."""
+        if jpeg is None and (rgb is None or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3):
+            raise ValueError(f"frame must be (H, W, 3) uint8 or a JPEG, got {getattr(rgb, 'shape', None)}")
         with self._frames_lock:
             if job in self._frames_waiting:
                 self.frames_dropped_before_encoding += 1
             self._frames_waiting[job] = {"type": "frame", "job": job, "seq": int(seq), "t": round(float(t), 3),
-                                         "quality": quality, "rgb": rgb}
+                                         "quality": quality, "rgb": rgb, "jpeg": jpeg}
             self._frames_waiting.move_to_end(job)
             self._frames_lock.notify()
 
@@ -200,10 +202,14 @@ class Broadcaster:
                 if self._stopping:
                     return
                 job, frame = self._frames_waiting.popitem(last=False)
-            rgb = frame.pop("rgb")
-            frame["width"], frame["height"] = int(rgb.shape[1]), int(rgb.shape[0])
-            frame["jpeg"] = base64.b64encode(encode_jpeg(rgb)).decode("ascii")
-            self.frames_encoded += 1
+            rgb, jpeg = frame.pop("rgb"), frame.pop("jpeg")
+            if jpeg is None:
+                jpeg = encode_jpeg(rgb)
+                self.frames_encoded += 1
+                frame["width"], frame["height"] = int(rgb.shape[1]), int(rgb.shape[0])
+            else:
+                frame["width"], frame["height"] = Image.open(io.BytesIO(jpeg)).size  # reads the header only
+            frame["jpeg"] = base64.b64encode(jpeg).decode("ascii")
             self._deliver_threadsafe(job, "frame", json.dumps(frame, separators=(",", ":")).encode("utf-8"))
 
     # ----------------------------------------------------------------------------------------------- the loop side

@@ -5,42 +5,34 @@ A job runs two threads:
 * the **engine thread** iterates ``engine.generate()`` as fast as the engine goes (the mp4 encoder inside the engine
   gets every frame) and records the newest state: stage, progress, the motion (``MotionReady``), the latest final frame;
 * the **display thread** publishes at most 25 frames per second to viewers (broadcaster) and to the page
-  (``Job.updates()``): the idle animation from the first moment, then the audio-driven preview in real time (rendered
-  on demand, so nothing holds the clip), then the final frames once rendering has caught up with the preview playhead
-  or the preview has played through once (looping it until the first final frame exists). It switches from preview
-  to final once and never back, so viewers never see the two alternate.
-  A renderer slower than ``SLIDESHOW_BELOW_FPS`` (SadTalker on a CPU: seconds per frame) would turn that into a
-  still picture for minutes, so then the preview keeps looping in real time and the final frames made so far take
-  the place of their preview frames (progressive quality); those are kept as display-size JPEGs, a few KB each.
+  (``Job.updates()``): what it shows at each tick is ``display.decide``'s choice (idle, then the preview rendered on
+  demand, so nothing holds the clip, then final frames). A slow renderer's final frames are kept for the
+  progressive preview as display-size JPEGs, a few KB each, encoded once.
 
 Cancelling (``Job.cancel()``) stops iterating the engine: the engine's generator is closed, which stops its encoder
 and removes the partial mp4; the job's folder is removed too.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
-import os
-import secrets
 import shutil
-import sys
 import threading
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, TextIO
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 from PIL import Image
 
-from core.errors import InputError, SadTalkerError
-from core.engine import Done, Frame, MotionReady, PreviewRenderer, Progress
+from core.engine import Done, Engine, Frame, MotionReady, PreviewRenderer, Progress
+from core.errors import SadTalkerError
 from core.image import load_image
 from core.options import FPS, Options
 
 from .broadcaster import Broadcaster, encode_jpeg
-from .engines import Engine, choose_engine, load_engine
+from .display import SLIDESHOW_BELOW_FPS, Memory, Tick, decide
+from .progress import RenderRate
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +40,6 @@ DISPLAY_FPS = FPS  # never show viewers more than this many frames per second
 DISPLAY_MAX_SIDE = 512  # full-size final frames are shown downscaled (the mp4 keeps full size)
 PROGRESS_INTERVAL_S = 0.1  # progress messages at most 10 per second
 IDLE_HEAD_START_S = 0.5  # the engine waits at most this long for the idle animation to be on screen
-RATE_WINDOW_FRAMES = 50  # the ETA uses the rate of the most recent final frames
-SLIDESHOW_BELOW_FPS = 1.0  # final frames slower than this (on average, from 2 frames on) replace preview frames
 FINAL_JPEG_QUALITY = 85  # final frames kept for the progressive preview
 
 JobState = Literal["running", "done", "error", "cancelled"]
@@ -60,7 +50,12 @@ class DisplayFrame:
     seq: int  # 1, 2, 3 ... per job, in the order shown
     t: float  # idle: seconds since the animation started; preview/final: time in the clip
     quality: Literal["idle", "preview", "final"]
-    rgb: np.ndarray
+    pixels: np.ndarray | None  # (H, W, 3) uint8, or None when only the JPEG exists
+    jpeg: bytes | None = None
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self.pixels if self.pixels is not None else np.asarray(Image.open(io.BytesIO(self.jpeg)).convert("RGB"))
 
 
 @dataclass(frozen=True)
@@ -87,7 +82,7 @@ class JobSnapshot:
 class Job:
     def __init__(self, job_id: str, engine: Engine, image_path: str, audio_path: str, options: Options,
                  out_dir: str | None, video_url: str | None, broadcaster: Broadcaster | None,
-                 idle_animator_factory: Callable[[np.ndarray], object] | None = None):
+                 idle_animator_factory: Callable[[np.ndarray], object]):
         self.id = job_id
         self.engine = engine
         self.image_path, self.audio_path = image_path, audio_path
@@ -95,7 +90,7 @@ class Job:
         self.out_dir = out_dir
         self.video_url = video_url
         self._broadcaster = broadcaster
-        self._idle_factory = idle_animator_factory or _default_idle_animator
+        self._idle_factory = idle_animator_factory
         self._cond = threading.Condition()
         self._version = 0  # bumped on every change a page would show
         self._cancel = threading.Event()
@@ -117,7 +112,7 @@ class Job:
         self._error: str | None = None
         self._user_error = False
         self._result: Done | None = None
-        self._final_times: deque[float] = deque(maxlen=RATE_WINDOW_FRAMES)
+        self._rate = RenderRate()
         self._last_progress_sent = 0.0
         self._seq = 0
         self._engine_thread = threading.Thread(target=self._run_engine, name=f"engine-{job_id}", daemon=True)
@@ -201,10 +196,10 @@ class Job:
                 self._latest_final = event
                 if kept is not None:
                     self._kept_finals[event.index] = kept
-                self._final_times.append(now)
+                self._rate.frame(now)
                 self._done = event.index + 1
                 self._total = max(self._total, self._done)
-                self._eta_s = self._estimate_eta_locked()
+                self._eta_s = self._rate.eta_s(self._done, self._total)
                 if self._stage != "render":
                     self._stage, self._message = "render", "Rendering full-quality frames"
                     status = True
@@ -226,6 +221,7 @@ class Job:
             with self._cond:
                 self._motion = event
                 self._render_started = now
+                self._rate.started(now)
                 self._total = event.num_frames
                 self._done = 0
                 self._version += 1
@@ -256,19 +252,6 @@ class Job:
             return None
         return encode_jpeg(_fit_for_display(frame.rgb), quality=FINAL_JPEG_QUALITY)
 
-    def _estimate_eta_locked(self) -> float | None:
-        if self._total <= self._done:
-            return 0.0
-        if len(self._final_times) >= 3 and self._final_times[-1] > self._final_times[0]:
-            # final frames per second, recently
-            rate = (len(self._final_times) - 1) / (self._final_times[-1] - self._final_times[0])
-        elif self._render_started is not None and self._final_times and self._final_times[-1] > self._render_started:
-            # a slow engine's first frames (seconds each): its rate since the motion was known, set-up included
-            rate = self._done / (self._final_times[-1] - self._render_started)
-        else:
-            return None
-        return (self._total - self._done) / rate
-
     def _send_progress(self, now: float, force: bool = False) -> None:
         if self._broadcaster is None or (not force and now - self._last_progress_sent < PROGRESS_INTERVAL_S):
             return
@@ -294,8 +277,7 @@ class Job:
         next_tick = idle_start
         preview: PreviewRenderer | None = None
         preview_start = 0.0
-        played_through = final_mode = shown_preview = False
-        shown_final = -1
+        memory = Memory()
         try:
             while True:
                 with self._cond:
@@ -309,7 +291,7 @@ class Job:
                 now = time.monotonic()
                 if finished is not None:
                     # The clip is complete: make sure the last final frame is what viewers keep.
-                    if final is not None and final.index != shown_final:
+                    if final is not None and final.index != memory.shown_final:
                         self._show("final", final.time_s, final.rgb)
                     return
                 if motion is None:
@@ -323,27 +305,17 @@ class Job:
                         self._status("preview", "Playing the preview while full-quality frames render…")
                     if now < next_tick:
                         continue
-                    playhead = int((now - preview_start) * DISPLAY_FPS)
-                    if playhead >= motion.num_frames:
-                        played_through = True
-                    # The first preview frame is always shown: it is the moment the audio-driven motion appears.
-                    # Whether the renderer is slow is known from its second frame on.
-                    if (not final_mode and final is not None and shown_preview and not slow
-                            and (final.index >= 1 or final.index + 1 >= motion.num_frames)
-                            and (final.index >= playhead or played_through)):
-                        final_mode = True
-                    if final_mode:
-                        if final.index != shown_final:
-                            shown_final = final.index
-                            self._show("final", final.time_s, final.rgb)
-                    else:  # the preview, looping; a slow renderer's final frames replace theirs as they are made
-                        index = playhead % motion.num_frames
-                        jpeg = kept.get(index) if slow else None
-                        if jpeg is not None:
-                            self._show("final", index / motion.fps, np.asarray(Image.open(io.BytesIO(jpeg))))
-                        else:
-                            self._show("preview", index / motion.fps, preview.render(index))
-                        shown_preview = True
+                    view = Tick(playhead=int((now - preview_start) * DISPLAY_FPS), num_frames=motion.num_frames,
+                                latest_final=None if final is None else final.index, slow=slow, kept=kept)
+                    show, memory = decide(view, memory)
+                    if show is None:
+                        pass
+                    elif show.kept:
+                        self._show("final", show.index / motion.fps, jpeg=kept[show.index])
+                    elif show.quality == "final":
+                        self._show("final", final.time_s, final.rgb)
+                    else:
+                        self._show("preview", show.index / motion.fps, preview.render(show.index))
                 if now >= next_tick:
                     next_tick += tick
                     if next_tick < now:  # fell behind (busy CPU): drop display frames rather than burst
@@ -356,16 +328,18 @@ class Job:
     def _stop_display_locked(self) -> bool:
         return self._cancel.is_set() or self._state != "running" or self._engine_finished is not None
 
-    def _show(self, quality: str, t: float, rgb: np.ndarray) -> None:
-        rgb = _fit_for_display(rgb)
+    def _show(self, quality: str, t: float, rgb: np.ndarray | None = None, jpeg: bytes | None = None) -> None:
+        """Publish a frame given as pixels or as an already encoded display-size JPEG (encoded once either way)."""
+        if rgb is not None:
+            rgb = _fit_for_display(rgb)
         with self._cond:
             self._seq += 1
-            self._display = DisplayFrame(self._seq, t, quality, rgb)
+            self._display = DisplayFrame(self._seq, t, quality, rgb, jpeg)
             self._version += 1
             self._cond.notify_all()
             seq = self._seq
         if self._broadcaster is not None:
-            self._broadcaster.publish_frame(self.id, seq, t, quality, rgb)
+            self._broadcaster.publish_frame(self.id, seq, t, quality, rgb=rgb, jpeg=jpeg)
 
     # ------------------------------------------------------------------------------------------------ outcome
     def _fail(self, message: str, user_error: bool) -> None:
@@ -426,110 +400,6 @@ class Job:
             elapsed_s=time.monotonic() - self.started_at)
 
 
-class Studio:
-    """Starts jobs and keeps them findable by id (for Stop and for viewers that follow one job)."""
-
-    MAX_REMEMBERED_JOBS = 32
-
-    def __init__(self, broadcaster: Broadcaster | None, outputs_dir: str = "outputs",
-                 checkpoint_dir: str = "checkpoints", device: str = "cpu", outputs_url: str = "/outputs",
-                 max_audio_s: float = 300.0):
-        self.broadcaster = broadcaster
-        self.outputs_dir = os.path.abspath(outputs_dir)
-        self.outputs_url = outputs_url.rstrip("/")
-        self.checkpoint_dir = checkpoint_dir
-        self.device = device
-        self.max_audio_s = max_audio_s
-        self._jobs: "OrderedDict[str, Job]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    def start(self, image: str | None, audio: str | None, options: Options = Options(), engine: str = "auto") -> Job:
-        """Check the request and start it; raises InputError (with what to do) before any work starts."""
-        if not image:
-            raise InputError("Upload a portrait photo first (jpg or png, one face, looking at the camera).")
-        if not audio:
-            raise InputError("Upload or record a speech clip first (wav, mp3, m4a, ogg or flac).")
-        choice = choose_engine(engine, self.checkpoint_dir)
-        job_id = new_job_id()
-        out_dir = os.path.join(self.outputs_dir, job_id)
-        options = dataclasses.replace(options, output=os.path.join(out_dir, "video.mp4"),
-                                      max_audio_s=min(options.max_audio_s, self.max_audio_s)).check()
-        engine_instance = load_engine(choice.name, self.checkpoint_dir, self.device)
-        os.makedirs(out_dir, exist_ok=True)
-        job = Job(job_id, engine_instance, image, audio, options, out_dir,
-                  f"{self.outputs_url}/{job_id}/video.mp4", self.broadcaster)
-        with self._lock:
-            self._jobs[job_id] = job
-            while len(self._jobs) > self.MAX_REMEMBERED_JOBS:
-                self._jobs.popitem(last=False)
-        return job.start()
-
-    def prepare(self, image: str | None) -> None:
-        """Find the face of a just-uploaded photo ahead of Generate (landmarks are cached by image content), so the
-        idle animation starts at once on the click. Raises InputError (not an image, no face) for early feedback."""
-        if image:
-            _default_idle_animator(load_image(image))
-
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            return self._jobs.get(job_id)
-
-    def cancel(self, job_id: str, wait_s: float = 10.0) -> bool:
-        job = self.get(job_id)
-        if job is None:
-            return False
-        job.cancel()
-        return job.wait(wait_s)
-
-
-def new_job_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def run_headless(engine: Engine, image: str, audio: str, options: Options, stream: TextIO = sys.stderr) -> Done:
-    """Render without a UI, drawing a one-line progress bar on ``stream``; returns the Done event."""
-    started = time.monotonic()
-    rate_times: deque[float] = deque(maxlen=RATE_WINDOW_FRAMES)
-    total, last_draw, result = 0, 0.0, None
-    interactive = stream.isatty()
-    for event in engine.generate(image, audio, options):
-        now = time.monotonic()
-        if isinstance(event, MotionReady):
-            total = event.num_frames
-        elif isinstance(event, Progress) and event.stage != "render":
-            _draw(stream, event.stage, event.done, event.total, None, event.message, interactive)
-        elif isinstance(event, Frame):
-            rate_times.append(now)
-            done = event.index + 1
-            if now - last_draw >= 0.1 or done == total:
-                last_draw = now
-                eta = None
-                if len(rate_times) >= 3 and rate_times[-1] > rate_times[0]:
-                    eta = (total - done) * (rate_times[-1] - rate_times[0]) / (len(rate_times) - 1)
-                _draw(stream, "render", done, max(total, done), eta, "", interactive)
-        elif isinstance(event, Done):
-            result = event
-    if result is None:
-        raise RuntimeError("the engine stopped without producing a video")
-    stream.write(f"\n{result.num_frames} frames, {result.duration_s:.2f} s video by the {result.engine} engine "
-                 f"in {time.monotonic() - started:.1f} s")
-    stream.write(f": {result.video_path}\n" if result.video_path else "\n")
-    stream.flush()
-    return result
-
-
-def _draw(stream: TextIO, stage: str, done: int, total: int, eta: float | None, message: str,
-          interactive: bool) -> None:
-    width = 30
-    filled = int(width * done / total) if total else 0
-    bar = "#" * filled + "-" * (width - filled)
-    counts = f"{done}/{total}" if total else ""
-    eta_text = f" ETA {eta:.1f}s" if eta is not None else ""
-    line = f"[{bar}] {stage:<9} {counts:>11}{eta_text} {message}"[:100]
-    stream.write(("\r" + line.ljust(100)) if interactive else line + "\n")
-    stream.flush()
-
-
 def _fit_for_display(rgb: np.ndarray) -> np.ndarray:
     height, width = rgb.shape[:2]
     scale = DISPLAY_MAX_SIDE / max(height, width)
@@ -537,9 +407,3 @@ def _fit_for_display(rgb: np.ndarray) -> np.ndarray:
         return rgb
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
-
-
-def _default_idle_animator(rgb: np.ndarray):
-    from preview.idle import IdleAnimator
-
-    return IdleAnimator(rgb, size=128)

@@ -1,10 +1,6 @@
 """SadTalker engine: a faithful PyTorch re-implementation of OpenTalker/SadTalker that loads the official weights.
 
-This package never imports gradio, websockets or ``preview/``.
+``pipeline.SadTalkerPipeline`` is the engine; ``checkpoints`` finds and loads the official files, ``weights``
+checks and downloads them; ``models/`` holds the networks, one file per part of the paper. This package imports
+``core`` only: never gradio, websockets, ``live`` or ``preview``.
 """
-from core.errors import CheckpointError, InputError, NoFaceError, SadTalkerError
-from core.engine import Done, Event, Frame, MotionReady, Progress
-from core.options import FPS, SAMPLE_RATE, Options
-
-__all__ = ["CheckpointError", "InputError", "NoFaceError", "SadTalkerError", "Done", "Event", "Frame", "MotionReady",
-           "Progress", "FPS", "SAMPLE_RATE", "Options"]

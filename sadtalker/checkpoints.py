@@ -189,6 +189,18 @@ def find_checkpoints(checkpoint_dir: str, size: int = 256, parts: Collection[str
     return CheckpointLayout(directory=directory, format=fmt, files=files)
 
 
+def installed_sizes(checkpoint_dir: str) -> tuple[int, ...]:
+    """Renderer sizes (256, 512) whose files are all in ``checkpoint_dir``: the one rule for "SadTalker is installed"."""
+    sizes = []
+    for size in (256, 512):
+        try:
+            find_checkpoints(checkpoint_dir, size)
+        except CheckpointError:
+            continue
+        sizes.append(size)
+    return tuple(sizes)
+
+
 def load_networks(checkpoint_dir: str, size: int = 256, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, parts: Collection[str] | None = None) -> SadTalkerNetworks:
     """Build every network and load the official weights strictly (see the module docstring).

@@ -21,9 +21,9 @@ import torch
 from core.audio import load_audio
 from .coefficients import (SMOOTHING_WINDOW, draw_motion_inputs, face_coefficients, num_noise_draws,
                            predict_coefficients)
-from .checkpoints import SadTalkerNetworks, find_checkpoints, load_networks
+from .checkpoints import SadTalkerNetworks, find_checkpoints, installed_sizes, load_networks
 from .enhancer import FaceEnhancer, try_load_enhancer
-from core.errors import CheckpointError, InputError, NoFaceError
+from core.errors import InputError, NoFaceError
 from core.engine import Done, Event, Frame, MotionReady, Progress
 from .facerender import SEMANTIC_RADIUS, FaceRenderer, RenderInputs, frame_to_uint8, prepare_render_inputs
 from core.image import load_image
@@ -87,14 +87,7 @@ class SadTalkerPipeline:
 
     def available_sizes(self) -> tuple[int, ...]:
         """Renderer sizes whose checkpoint files are present."""
-        sizes = []
-        for size in (256, 512):
-            try:
-                find_checkpoints(self.checkpoint_dir, size)
-            except CheckpointError:
-                continue
-            sizes.append(size)
-        return tuple(sizes)
+        return installed_sizes(self.checkpoint_dir)
 
     def networks(self, size: int) -> SadTalkerNetworks:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Synthetic SadTalker weights in the exact official file layout (for tests, benchmarks and demos without weights).
+"""Synthetic weights in the exact official file layouts (for tests, benchmarks and demos without weights).
 
 Every tensor is a pure function of (seed, key as stored, shape), following the recipe of the reference data
 (README "Synthetic weights"): the same recipe the golden vectors were computed with, so networks loaded from these
@@ -7,12 +7,20 @@ files through the normal loader must reproduce the golden outputs. The key/shape
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import math
 import os
+import tempfile
 import zlib
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 SEED = 20231011
 MANIFEST_PATH = os.path.join(os.path.dirname(__file__), "data", "manifest.json")
@@ -153,3 +161,112 @@ def _atomic(path: str, write) -> None:
     tmp = path + ".partial"
     write(tmp)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A cache of synthetic official files under the system temp dir (tests and benchmarks share it)
+# ----------------------------------------------------------------------------------------------------------------
+
+FILES_256 = ("SadTalker_V0.0.2_256.safetensors", "mapping_00229-model.pth.tar", "mapping_00109-model.pth.tar")
+LEGACY_FACEVID = "facevid2vid_00189-model.pth.tar"
+
+
+def cache_key() -> str:
+    digest = hashlib.sha256()
+    for path in (MANIFEST_PATH, __file__):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def cached_official_layout(legacy: bool = True) -> str:
+    """A folder with synthetic SadTalker_V0.0.2_256.safetensors + both mapping files (+ the legacy facevid2vid file,
+    the only one with head-pose-estimator weights, when ``legacy``). About 1.5 GB with the legacy file."""
+    directory = os.path.join(tempfile.gettempdir(), f"sadtalker-synthetic-checkpoints-{cache_key()}")
+    wanted = FILES_256 + ((LEGACY_FACEVID,) if legacy else ())
+    if all(os.path.isfile(os.path.join(directory, name)) for name in wanted):
+        return directory
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be writing the same files: wait for it
+        try:
+            write_official_layout(directory, sizes=(256,), legacy=legacy)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Face enhancer weights (GFPGAN v1.4 layout) and a face frame to enhance
+# ----------------------------------------------------------------------------------------------------------------
+
+def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
+    """Random float32 tensors for the given keys, scaled by fan-in so activations stay finite."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        bound = 1.0 / math.sqrt(max(1, shape[1:].numel())) if len(shape) >= 2 else 0.1
+        state[key] = torch.empty(shape).uniform_(-bound, bound, generator=generator) * math.sqrt(3)
+    return state
+
+
+def gfpgan_v14_shapes() -> dict[str, torch.Size]:
+    """Key -> shape of GFPGAN v1.4 (GFPGANv1Clean with the hyper-parameters GFPGANer uses for v1.4)."""
+    import torch
+
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    with torch.device("meta"):
+        model = GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
+                       fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
+    return {key: value.shape for key, value in model.state_dict().items()}
+
+
+SYNTHETIC_RECIPE = "gfpgan-v14-uniform-fanin-seed14-v1"  # change when the recipe changes
+
+
+def cached_synthetic_gfpgan() -> str:
+    """The synthetic GFPGANv1.4.pth (350 MB), written once into the system temp dir and reused by later runs."""
+    import torch
+
+    folder = os.path.join(tempfile.gettempdir(), "sadtalker-test-weights")
+    path = os.path.join(folder, f"{SYNTHETIC_RECIPE}.pth")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        state = seeded_state_dict(gfpgan_v14_shapes(), seed=14)
+        partial = f"{path}.{os.getpid()}.partial"
+        torch.save({"params_ema": state}, partial)  # the official file's layout: the EMA weights under params_ema
+        os.replace(partial, path)
+    return path
+
+
+def synthetic_face_frame(size: int = 256, eye_distance: float = 40.0):
+    """A frame with a face-like blob and 68 landmarks whose face covers only the middle of the frame."""
+    import cv2
+
+    from .enhancer import FACE_TEMPLATE
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    frame = np.stack([60 + 0.5 * xx, 90 + 0.3 * yy, 140 - 0.2 * xx], axis=2)
+    frame += rng.normal(0, 4, frame.shape)
+    cx, cy = size / 2, size / 2
+    face = ((xx - cx) / (eye_distance * 1.1)) ** 2 + ((yy - cy - 10) / (eye_distance * 1.5)) ** 2 < 1
+    frame[face] = (205, 160, 140)
+    # the five points in FFHQ proportions (the template scaled to this eye distance), the rest around them
+    scale = eye_distance / (FACE_TEMPLATE[1, 0] - FACE_TEMPLATE[0, 0])
+    eye_l, eye_r, nose, mouth_l, mouth_r = (FACE_TEMPLATE - FACE_TEMPLATE[2]) * scale + (cx, cy)
+    lm = np.zeros((68, 2))
+    ring = np.array([[-7, 0], [-3, -3], [3, -3], [7, 0], [3, 3], [-3, 3]], dtype=np.float64)
+    lm[36:42], lm[42:48] = eye_l + ring, eye_r + ring
+    lm[27:36] = np.linspace(nose - (0, 30), nose, 9)
+    lm[30] = nose
+    lm[48:68] = np.linspace(mouth_l, mouth_r, 20)
+    lm[48], lm[54] = mouth_l, mouth_r
+    lm[0:27] = np.stack([cx + np.linspace(-1, 1, 27) * eye_distance * 1.1, cy + np.sin(np.linspace(0, 3, 27)) * 40], 1)
+    for (x, y) in (eye_l, eye_r):
+        cv2.circle(frame, (int(round(x)), int(round(y))), 5, (40, 30, 30), -1)
+    cv2.line(frame, tuple(int(v) for v in lm[48]), tuple(int(v) for v in lm[54]), (120, 40, 50), 3)
+    return np.clip(frame, 0, 255).astype(np.uint8), lm

@@ -183,7 +183,7 @@ def _fetch_into(url: str, partial: str, facts: FileFacts, out: TextIO | None, ti
         raise CheckpointError(
             f"Could not download {facts.name} from {url}: {reason}. This machine seems to be offline (or the host "
             f"is blocked). Download the file another way, put it in the checkpoint folder and run "
-            f"`python -m sadtalker.checkpoints verify`.") from None
+            f"`python app.py weights verify`.") from None
     with response:
         resume = have > 0 and response.status == 206
         if resume:
@@ -281,3 +281,17 @@ def download(directory: str, names: Iterable[str] | None = None, base_url: str |
             verified = "size and sha256 verified" if facts.sha256 else "no checksum recorded"
             print(f"{name:36s} downloaded ({verified})", file=out, flush=True)
     return paths
+
+
+def verify_report(directory: str, out: TextIO) -> bool:
+    """Check every official file in ``directory``, printing a line each and a verdict; True when nothing is wrong."""
+    print(f"Checkpoint folder: {os.path.abspath(directory)}", file=out)
+    results = verify_dir(directory, out=out)
+    bad = [r for r in results if r.bad]
+    missing = [r for r in results if r.status == "missing" and official_files()[r.name].required]
+    if bad or missing:
+        print(f"{len(bad)} damaged, {len(missing)} required missing: run `python app.py weights download "
+              f"--checkpoints {directory}`.", file=out)
+        return False
+    print("All present files verified.", file=out)
+    return True

@@ -15,7 +15,7 @@ from sadtalker import mel
 from sadtalker.checkpoints import load_networks
 from core.errors import InputError
 from sadtalker.models.audio2pose import num_noise_draws
-from synthetic_checkpoints import synthetic_checkpoint_dir
+from sadtalker.synthetic import cached_official_layout as synthetic_checkpoint_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from support.paths import ROOT as PROJECT_ROOT
 from core.audio import ffmpeg_exe, load_audio, write_wav
 from core.errors import CheckpointError, InputError, NoFaceError
 from core.engine import Done, Frame, MotionReady, Progress
@@ -22,10 +23,10 @@ from core.landmarks import LandmarkDetector
 from core.options import Options
 from sadtalker.pipeline import SadTalkerPipeline
 from sadtalker.preprocess import crop_portrait
-from synthetic_checkpoints import FILES_256, synthetic_checkpoint_dir
-from test_enhancer import cached_synthetic_gfpgan
+from sadtalker.synthetic import FILES_256, cached_official_layout as synthetic_checkpoint_dir
+from sadtalker.synthetic import cached_synthetic_gfpgan
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(PROJECT_ROOT)
 PORTRAIT = os.path.join(ROOT, "examples", "portrait.png")
 SPEECH = os.path.join(ROOT, "examples", "speech.wav")
 

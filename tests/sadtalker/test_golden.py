@@ -19,11 +19,12 @@ import time
 import pytest
 import torch
 
-from golden_support import load_case
-from synthetic_checkpoints import synthetic_checkpoint_dir
+from support.golden import load_case
+from support.paths import ROOT
+from sadtalker.synthetic import cached_official_layout as synthetic_checkpoint_dir
 
-GOLDEN_DIR = os.environ.get("SADTALKER_GOLDEN_DIR") or os.path.join(os.path.dirname(__file__), "golden")
-CHECK_MODULES = ("golden_audio", "golden_renderer")
+GOLDEN_DIR = os.environ.get("SADTALKER_GOLDEN_DIR") or str(ROOT / "tests" / "golden")
+CHECK_MODULES = ("support.golden_audio", "support.golden_renderer")
 
 # Network parts and the module that defines each (a part whose module is not in this checkout is not loaded, so
 # only the cases that need it fail).

@@ -14,26 +14,7 @@ import torch
 from sadtalker.enhancer import (FACE_TEMPLATE, BackgroundUpsampler, EnhancerWeightsMissing, FaceEnhancer,
                                 five_points, load_enhancer, try_load_enhancer)
 from core.errors import CheckpointError
-
-
-def seeded_state_dict(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
-    """Random float32 tensors for the given keys, scaled by fan-in so activations stay finite."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in shapes.items():
-        bound = 1.0 / math.sqrt(max(1, shape[1:].numel())) if len(shape) >= 2 else 0.1
-        state[key] = torch.empty(shape).uniform_(-bound, bound, generator=generator) * math.sqrt(3)
-    return state
-
-
-def gfpgan_v14_shapes() -> dict[str, torch.Size]:
-    """Key -> shape of GFPGAN v1.4 (GFPGANv1Clean with the hyper-parameters GFPGANer uses for v1.4)."""
-    from spandrel.architectures.GFPGAN import GFPGAN
-
-    with torch.device("meta"):
-        model = GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
-                       fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
-    return {key: value.shape for key, value in model.state_dict().items()}
+from sadtalker.synthetic import cached_synthetic_gfpgan, seeded_state_dict, synthetic_face_frame as face_frame
 
 
 def small_restoreformer_shapes() -> dict[str, torch.Size]:
@@ -68,22 +49,6 @@ def realesrgan_shapes(num_feat: int = 8, num_block: int = 1, upconvs: int = 2) -
     return {key: torch.Size(shape) for key, shape in shapes.items()}
 
 
-SYNTHETIC_RECIPE = "gfpgan-v14-uniform-fanin-seed14-v1"  # change when the recipe changes
-
-
-def cached_synthetic_gfpgan() -> str:
-    """The synthetic GFPGANv1.4.pth (350 MB), written once into the system temp dir and reused by later runs."""
-    folder = os.path.join(tempfile.gettempdir(), "sadtalker-test-weights")
-    path = os.path.join(folder, f"{SYNTHETIC_RECIPE}.pth")
-    if not os.path.isfile(path):
-        os.makedirs(folder, exist_ok=True)
-        state = seeded_state_dict(gfpgan_v14_shapes(), seed=14)
-        partial = f"{path}.{os.getpid()}.partial"
-        torch.save({"params_ema": state}, partial)  # the official file's layout: the EMA weights under params_ema
-        os.replace(partial, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def gfpgan_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gfpgan_checkpoints")
@@ -103,32 +68,6 @@ def small_dir(tmp_path_factory):
     torch.save({"params_ema": seeded_state_dict(small_restoreformer_shapes(), seed=5)}, folder / "RestoreFormer.pth")
     torch.save({"params_ema": seeded_state_dict(realesrgan_shapes(), seed=2)}, folder / "RealESRGAN_x2plus.pth")
     return str(folder)
-
-
-def face_frame(size: int = 256, eye_distance: float = 40.0):
-    """A frame with a face-like blob and 68 landmarks whose face covers only the middle of the frame."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    frame = np.stack([60 + 0.5 * xx, 90 + 0.3 * yy, 140 - 0.2 * xx], axis=2)
-    frame += rng.normal(0, 4, frame.shape)
-    cx, cy = size / 2, size / 2
-    face = ((xx - cx) / (eye_distance * 1.1)) ** 2 + ((yy - cy - 10) / (eye_distance * 1.5)) ** 2 < 1
-    frame[face] = (205, 160, 140)
-    # the five points in FFHQ proportions (the template scaled to this eye distance), the rest around them
-    scale = eye_distance / (FACE_TEMPLATE[1, 0] - FACE_TEMPLATE[0, 0])
-    eye_l, eye_r, nose, mouth_l, mouth_r = (FACE_TEMPLATE - FACE_TEMPLATE[2]) * scale + (cx, cy)
-    lm = np.zeros((68, 2))
-    ring = np.array([[-7, 0], [-3, -3], [3, -3], [7, 0], [3, 3], [-3, 3]], dtype=np.float64)
-    lm[36:42], lm[42:48] = eye_l + ring, eye_r + ring
-    lm[27:36] = np.linspace(nose - (0, 30), nose, 9)
-    lm[30] = nose
-    lm[48:68] = np.linspace(mouth_l, mouth_r, 20)
-    lm[48], lm[54] = mouth_l, mouth_r
-    lm[0:27] = np.stack([cx + np.linspace(-1, 1, 27) * eye_distance * 1.1, cy + np.sin(np.linspace(0, 3, 27)) * 40], 1)
-    for (x, y) in (eye_l, eye_r):
-        cv2.circle(frame, (int(round(x)), int(round(y))), 5, (40, 30, 30), -1)
-    cv2.line(frame, tuple(int(v) for v in lm[48]), tuple(int(v) for v in lm[54]), (120, 40, 50), 3)
-    return np.clip(frame, 0, 255).astype(np.uint8), lm
 
 
 def test_gfpgan_v14_file_loads_through_spandrel(gfpgan, gfpgan_dir):

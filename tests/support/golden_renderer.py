@@ -11,7 +11,7 @@ import re
 import numpy as np
 import torch
 
-from golden_support import DEGREE_ABS_TOL, IMAGE_ABS_TOL, GoldenCase
+from support.golden import DEGREE_ABS_TOL, IMAGE_ABS_TOL, GoldenCase
 from sadtalker.facerender import FaceRenderer, prepare_render_inputs
 from sadtalker.keypoints import degrees_from_bins, head_pose_degrees, rotation_matrix, transform_keypoints
 from sadtalker.models.mapping import HeadMotion

@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client, handle_file
 from websockets.sync.client import connect
 
-from conftest import ROOT
+from support.paths import ROOT
 from core.audio import ffmpeg_exe, load_audio
 
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"

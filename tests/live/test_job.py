@@ -22,13 +22,16 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect
 
-from conftest import ScriptedEngine, ScriptedIdle, decode_code
+from support.scripted import ScriptedEngine, ScriptedIdle, decode_code
 from live.broadcaster import Broadcaster
-from live.engines import SADTALKER_REQUIRED, choose_engine
-from live.job import Job, Studio, new_job_id, run_headless
+from live.engines import choose_engine
+from live.console import run_headless
+from live.job import Job
+from live.studio import Studio, new_job_id
 from core.audio import ffmpeg_exe, write_wav
 from core.errors import InputError
 from core.options import Options
+from sadtalker.synthetic import FILES_256
 
 
 @pytest.fixture
@@ -335,10 +338,24 @@ def test_engine_choice_explains_itself(tmp_path):
     assert choice.name == "lite" and "no SadTalker weights" in choice.reason and not choice.honours_sadtalker_options
     partial = tmp_path / "partial"
     partial.mkdir()
-    (partial / SADTALKER_REQUIRED[0]).write_bytes(b"")
+    (partial / FILES_256[0]).write_bytes(b"")
     choice = choose_engine("auto", str(partial))
-    assert choice.name == "lite" and "incomplete" in choice.reason and SADTALKER_REQUIRED[1] in choice.reason
+    assert choice.name == "lite" and "incomplete" in choice.reason and FILES_256[1] in choice.reason
     assert choose_engine("lite", str(partial)).name == "lite"
+
+
+@pytest.mark.parametrize("files, detail", [
+    (("SadTalker_V0.0.2_512.safetensors", "mapping_00229-model.pth.tar", "mapping_00109-model.pth.tar"), "512 only"),
+    (("facevid2vid_00189-model.pth.tar", "auido2pose_00140-model.pth", "auido2exp_00300-model.pth", "epoch_20.pth",
+      "mapping_00229-model.pth.tar", "mapping_00109-model.pth.tar"), None),
+])
+def test_every_folder_the_pipeline_loads_counts_as_installed(tmp_path, files, detail):
+    """One rule: a 512-only folder and a legacy folder run SadTalker, as the pipeline loads both."""
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    choice = choose_engine("auto", str(tmp_path))
+    assert choice.name == "sadtalker" and choice.honours_sadtalker_options
+    assert detail is None or detail in choice.reason
 
 
 def test_run_headless_draws_progress_and_returns_the_result(inputs, tmp_path):

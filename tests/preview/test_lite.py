@@ -12,6 +12,7 @@ import psutil
 import pytest
 import skimage.data
 
+from support.paths import ROOT as PROJECT_ROOT
 from preview.idle import IdleAnimator
 from preview.lite import LiteEngine
 from preview.motion import motion_from_audio
@@ -23,7 +24,7 @@ from core.image import load_image
 from core.landmarks import LandmarkDetector
 from core.options import FPS, SAMPLE_RATE, Options
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(PROJECT_ROOT)
 PORTRAIT = os.path.join(ROOT, "examples", "portrait.png")
 SPEECH = os.path.join(ROOT, "examples", "speech.wav")
 
@@ -314,6 +315,6 @@ def test_idle_starts_from_the_still_crop_in_the_preview_framing(engine, detector
     assert all(np.abs(f.astype(int) - first.astype(int)).mean() > 0.5 for f in later)
 
 
-def test_idle_from_image_path(detector):
-    idle = IdleAnimator.from_image(PORTRAIT, detector=detector, size=96, seed=1)
+def test_idle_at_another_size(detector, portrait):
+    idle = IdleAnimator(portrait, detector=detector, size=96, seed=1)
     assert idle.render(1.0).shape == (96, 96, 3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from golden_support import MEL_ABS_TOL, GoldenCase
+from support.golden import MEL_ABS_TOL, GoldenCase
 from sadtalker import align, mel
 from sadtalker.checkpoints import SadTalkerNetworks
 from sadtalker.coefficients import CoefficientInputs, face_coefficients, predict_coefficients

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
-from live.job import Studio
+from support.paths import ROOT
+from live.studio import Studio
 from core.audio import ffmpeg_exe, write_wav
 from core.options import Options
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import skimage.data
 
+from support.paths import ROOT as PROJECT_ROOT
 from core.errors import CheckpointError, NoFaceError
 from core.image import load_image
 from core.landmarks import LandmarkDetector
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(PROJECT_ROOT)
 PORTRAIT = os.path.join(ROOT, "examples", "portrait.png")
 
 

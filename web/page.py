@@ -1,0 +1,215 @@
+"""The Gradio page: portrait + speech in, the live picture and progress while it renders, the mp4 at the end.
+
+The option controls are built from ``core.options`` (the same source as the CLI flags), so adding an option there
+adds it here. Errors a user can fix come back as ``gr.Error`` with the message of our own exception.
+"""
+from __future__ import annotations
+
+import html
+import inspect
+from pathlib import Path
+
+from core.errors import SadTalkerError
+from core.options import Control, is_angle_path_option, is_path_option, options_from_user, user_options
+from live.engines import ENGINE_CHOICES, choose_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
+EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"
+# The page's live image shows every other display frame: each Gradio update costs ~10 ms of server CPU (encode,
+# cache file, diff, SSE, the browser's fetch), which at 25 per second would slow generation; the viewer shows all 25.
+PAGE_FPS = 12.5
+
+PAGE_CSS = """
+#engine-line { font-size: 0.95em; }
+#live img { width: 100%; height: 100%; object-fit: contain; }
+.stl-progress { height: 12px; border-radius: 6px; background: var(--block-background-fill);
+                border: 1px solid var(--border-color-primary); overflow: hidden; }
+.stl-progress > div { height: 100%; background: var(--color-accent); transition: width .15s; }
+.stl-progress-text { margin-top: 4px; font-variant-numeric: tabular-nums; }
+.stl-error { color: var(--error-text-color); }
+"""
+
+
+def option_control(name: str, default, control: Control):
+    """The Gradio component of one option."""
+    import gradio as gr
+
+    info = control.help or None
+    if is_path_option(name):
+        return gr.File(label=control.label, file_types=["video"], type="filepath")
+    if is_angle_path_option(name):
+        return gr.Textbox(label=control.label, info=info, placeholder="e.g. 0, 20, -20")
+    if isinstance(default, bool):
+        return gr.Checkbox(value=default, label=control.label, info=info)
+    if control.choices is not None:
+        if default is None:
+            return gr.Dropdown(["none", *control.choices], value="none", label=control.label, info=info)
+        if len(control.choices) <= 3:
+            return gr.Radio(list(control.choices), value=default, label=control.label, info=info)
+        return gr.Dropdown(list(control.choices), value=default, label=control.label, info=info)
+    if control.slider is not None:
+        low, high, step = control.slider
+        return gr.Slider(low, high, value=default, step=step, label=control.label, info=info)
+    return gr.Number(value=default, precision=0, label=control.label, info=info)
+
+
+def build_ui(studio, max_jobs: int = 1):
+    import gradio as gr
+
+    specs = user_options()
+    names = [name for name, _, _ in specs]
+    jobs_by_session: dict[str, str] = {}
+
+    def describe(engine: str):
+        try:
+            choice = choose_engine(engine, studio.checkpoint_dir)
+        except SadTalkerError as exc:
+            line, usable = f"**Engine:** ⚠️ {exc}", False
+        else:
+            line, usable = f"**Engine:** {choice.reason}", choice.honours_sadtalker_options
+        note = ("" if usable else "Greyed out: the Lite engine does not use these options. "
+                "Add the official SadTalker weights (see README) to enable them.")
+        return [line, gr.update(value=note, visible=bool(note))] + [gr.update(interactive=usable)] * len(sadtalker_only)
+
+    def generate(*args):
+        """Generate a talking-head video; yields live frames and progress; the last output is the mp4."""
+        image, audio, engine, *values, request = args  # the signature below says what Gradio passes
+        image, audio = _uploaded_path(image), _uploaded_path(audio)
+        raw = {name: _uploaded_path(value) if is_path_option(name) else value for name, value in zip(names, values)}
+        try:
+            job = studio.start(image, audio, options_from_user(raw), engine)
+        except SadTalkerError as exc:
+            raise gr.Error(str(exc), title="Cannot start") from None
+        session = getattr(request, "session_hash", None)
+        if session:
+            jobs_by_session[session] = job.id
+        shown_seq = 0
+        try:
+            for snap in job.updates(max_fps=PAGE_FPS):
+                frame = gr.skip()
+                if snap.frame is not None and snap.frame.seq != shown_seq:
+                    frame, shown_seq = snap.frame.rgb, snap.frame.seq
+                if snap.state == "running":
+                    yield frame, progress_html(snap), gr.skip(), gr.skip()
+            if snap.state == "error":
+                raise gr.Error(snap.error or "Generation failed.", title="Generation failed")
+            last_frame = snap.frame.rgb if snap.frame is not None else None
+            if snap.state == "cancelled":
+                yield last_frame, progress_html(snap), None, "Stopped — nothing was saved."
+                return
+            yield last_frame, progress_html(snap), snap.video_path, result_text(snap)
+        finally:
+            if not job.finished:  # the page went away or Stop cancelled this event: stop the work too
+                job.cancel()  # (the entry stays, so a Stop handled after this cancellation still finds the job)
+            elif session and jobs_by_session.get(session) == job.id:
+                del jobs_by_session[session]
+
+    # Gradio documents the endpoint (and injects the request) from the signature: image, audio, engine, one named
+    # parameter per option with its default, then the request.
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    generate.__signature__ = inspect.Signature(
+        [inspect.Parameter("image", positional), inspect.Parameter("audio", positional),
+         inspect.Parameter("engine", positional, default="auto")]
+        + [inspect.Parameter(name, positional, default=default) for name, default, _ in specs]
+        + [inspect.Parameter("request", positional, default=None, annotation=gr.Request)])
+    generate.__annotations__ = {"request": gr.Request}
+
+    def image_uploaded(image):
+        try:
+            studio.prepare(_uploaded_path(image))
+        except SadTalkerError as exc:
+            gr.Warning(str(exc))
+
+    def stop(request: gr.Request = None):
+        """Cancel this page's job and say so on the progress line (the cancelled event yields nothing more)."""
+        job_id = jobs_by_session.get(getattr(request, "session_hash", None) or "")
+        if not job_id:
+            return gr.skip(), gr.skip()
+        studio.cancel(job_id)
+        return STOPPED_HTML, ""
+
+    controls: dict[str, object] = {}
+    with gr.Blocks(title="SadTalker Live", delete_cache=(900, 3600)) as demo:
+        gr.Markdown("# SadTalker Live\nA portrait and a speech clip in, a talking-head video out — "
+                    "watch it come alive while it renders.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"], height=300)
+                audio = gr.Audio(type="filepath", sources=["upload", "microphone"], label="Speech")
+                engine_line = gr.Markdown(elem_id="engine-line")
+                engine = gr.Radio(list(ENGINE_CHOICES), value="auto", label="Engine",
+                                  info="auto = SadTalker when its weights are installed, else Lite")
+                with gr.Accordion("SadTalker options", open=False):
+                    options_note = gr.Markdown()
+                    for name, default, control in specs:
+                        if control.engines == "sadtalker":
+                            controls[name] = option_control(name, default, control)
+                for name, default, control in specs:
+                    if control.engines == "all":
+                        controls[name] = option_control(name, default, control)
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary")
+                    stop_button = gr.Button("Stop", variant="stop")
+            with gr.Column(scale=1):
+                live = gr.Image(label="Live", type="numpy", format="jpeg", interactive=False, height=360,
+                                buttons=["fullscreen"], elem_id="live")
+                progress = gr.HTML(progress_html(None))
+                gr.HTML('<a href="/viewer" target="_blank" rel="noopener">Open live viewer ↗</a> '
+                        '— the same live frames in a separate tab (open as many as you like).')
+                video = gr.Video(label="Result", interactive=False, height=360)
+                result = gr.Markdown()
+        if EXAMPLE_IMAGE.is_file() and EXAMPLE_AUDIO.is_file():
+            gr.Examples([[str(EXAMPLE_IMAGE), str(EXAMPLE_AUDIO)]], inputs=[image, audio],
+                        label="Example (click to load, then Generate)")
+
+        sadtalker_only = [controls[name] for name, _, control in specs if control.engines == "sadtalker"]
+        describe_outputs = [engine_line, options_note, *sadtalker_only]
+        demo.load(describe, inputs=[engine], outputs=describe_outputs, api_visibility="private", queue=False)
+        engine.change(describe, inputs=[engine], outputs=describe_outputs, api_visibility="private", queue=False)
+        run = generate_button.click(generate, inputs=[image, audio, engine, *(controls[name] for name in names)],
+                                    outputs=[live, progress, video, result], api_name="generate",
+                                    # a click waiting for its turn shows its queue position on the progress line
+                                    show_progress="full", show_progress_on=[progress], concurrency_limit=max_jobs,
+                                    # Our own loaders read the uploads: Gradio's image preprocessing would fail on a
+                                    # non-image with a generic error instead of our message saying what to do.
+                                    preprocess=False)
+        stop_button.click(stop, outputs=[progress, result], api_visibility="private", cancels=[run], queue=False)
+        # queued (not queue=False): a warning can only reach the page through the queue's event stream
+        image.upload(image_uploaded, inputs=[image], api_visibility="private", preprocess=False,
+                     show_progress="hidden", concurrency_limit=4)
+    return demo
+
+
+def _uploaded_path(value) -> str | None:
+    """The file path of an upload: Gradio hands over its file record (``preprocess=False``), a script a path."""
+    if isinstance(value, dict):
+        return value.get("path")
+    return value or None
+
+
+def progress_html(snap) -> str:
+    if snap is None:
+        return ('<div class="stl-progress"><div style="width:0%"></div></div>'
+                '<div class="stl-progress-text">Ready — upload a portrait and a speech clip, then Generate.</div>')
+    if snap.state == "error":
+        return (f'<div class="stl-progress"><div style="width:0%"></div></div>'
+                f'<div class="stl-progress-text stl-error">{html.escape(snap.error or "Generation failed.")}</div>')
+    fraction = 1.0 if snap.state == "done" else (snap.done / snap.total if snap.total else 0.0)
+    parts = [html.escape(snap.message or snap.stage)]
+    if snap.total and snap.state == "running":
+        parts.append(f"{snap.done}/{snap.total} frames")
+        if snap.done < snap.total:
+            parts.append(f"ETA {snap.eta_s:.1f} s" if snap.eta_s is not None else "ETA estimating…")
+    parts.append(f"{snap.elapsed_s:.1f} s elapsed")
+    return (f'<div class="stl-progress"><div style="width:{fraction * 100:.1f}%"></div></div>'
+            f'<div class="stl-progress-text">{" · ".join(parts)}</div>')
+
+
+STOPPED_HTML = ('<div class="stl-progress"><div style="width:0%"></div></div>'
+                '<div class="stl-progress-text">Stopped — nothing was saved. Generate to start again.</div>')
+
+
+def result_text(snap) -> str:
+    return (f"**Done** — {snap.duration_s:.1f} s video made by the **{snap.engine}** engine "
+            f"in {snap.elapsed_s:.1f} s. [Download the mp4]({snap.video_url})")
