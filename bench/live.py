@@ -157,7 +157,7 @@ def studio_with_broadcaster(outputs: str):
     from live.studio import Studio
 
     broadcaster = Broadcaster(port=0).start()
-    studio = Studio(broadcaster, outputs_dir=outputs, checkpoint_dir=str(ROOT / "checkpoints"))
+    studio = Studio(broadcaster, outputs_dir=outputs)
     load_engine("lite")
     warm(studio)
     return broadcaster, studio

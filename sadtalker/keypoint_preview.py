@@ -18,7 +18,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-PREVIEW_SIZE = 128
+from core.engine import PREVIEW_SIZE
+
 _GRID = 32  # the warp field is smooth: evaluate it on 32x32 points and upsample
 _HEAD_SIGMA = 0.35  # reach of the head region around the keypoints (normalised units; the face spans ~1.2)
 _HEAD_FLOOR = 0.05  # background weight per keypoint: where keypoint weights fall below it, pixels stay still

@@ -21,7 +21,7 @@ import torch
 from core.audio import load_audio
 from .coefficients import (SMOOTHING_WINDOW, draw_motion_inputs, face_coefficients, num_noise_draws,
                            predict_coefficients)
-from .checkpoints import SadTalkerNetworks, find_checkpoints, installed_sizes, load_networks
+from .checkpoints import DEFAULT_CHECKPOINT_DIR, SadTalkerNetworks, find_checkpoints, installed_sizes, load_networks
 from .enhancer import FaceEnhancer, try_load_enhancer
 from core.errors import InputError, NoFaceError
 from core.engine import Done, Event, Frame, MotionReady, Progress
@@ -68,7 +68,7 @@ class SadTalkerPipeline:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoints(cls, directory: str = "checkpoints", device: str = "cpu", dtype: torch.dtype | None = None,
+    def from_checkpoints(cls, directory: str = DEFAULT_CHECKPOINT_DIR, device: str = "cpu", dtype: torch.dtype | None = None,
                          detector: LandmarkDetector | None = None) -> "SadTalkerPipeline":
         """Load the networks of the first available renderer size (256, else 512); the other loads on first use.
 
