@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 

@@ -12,9 +12,7 @@ Reference on this kind of box (baseline_cpu.md): the official code takes 9.60 s 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
-import tempfile
 
 import cv2
 import numpy as np
