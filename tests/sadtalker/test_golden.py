@@ -1,12 +1,14 @@
 """Faithfulness to the official SadTalker: every golden case in ``$SADTALKER_GOLDEN_DIR`` (default ``tests/golden``).
 
 One test per ``*.npz`` file, dispatched by the case kind (``meta["case"]``, else the file stem) to the checks of
-``tests/golden_audio.py`` and ``tests/golden_renderer.py``. An unknown kind fails (never skips), and so does a missing
+``tests/support/golden_audio.py`` and ``tests/support/golden_renderer.py``. An unknown kind fails (never skips), and so does a missing
 or empty directory. The networks come from synthetic official-layout checkpoint files written to a temp cache and
 loaded once through ``sadtalker.checkpoints.load_networks``, the path a user's real files take.
 
 The measured error of every compared array is printed per case (and stored as the ``golden_errors`` property of
-the test in a junit report), so it can be quoted: ``pytest tests/test_golden.py -rA`` or ``--junitxml``.
+the test in a junit report), so it can be quoted: ``pytest tests/test_golden.py -rA`` or ``--junitxml``. It is the
+max error of the array, or for whole renders (``video_frames``) the mean, 99.9th percentile and max of the relative
+error, which ``support.golden.RENDER_BOUNDS`` judges.
 """
 from __future__ import annotations
 
@@ -19,11 +21,9 @@ import time
 import pytest
 import torch
 
-from support.golden import load_case
-from support.paths import ROOT
+from support.golden import GOLDEN_DIR, load_case, report_line
 from sadtalker.synthetic import cached_official_layout as synthetic_checkpoint_dir
 
-GOLDEN_DIR = os.environ.get("SADTALKER_GOLDEN_DIR") or str(ROOT / "tests" / "golden")
 CHECK_MODULES = ("support.golden_audio", "support.golden_renderer")
 
 # Network parts and the module that defines each (a part whose module is not in this checkout is not loaded, so
@@ -68,17 +68,6 @@ def golden_networks():
     return load_networks(synthetic_checkpoint_dir(legacy=True), size=256, parts=parts)
 
 
-def _report(config, line: str) -> None:
-    """Write a line to the terminal even while the test's output is captured."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(line)
-
-
 def test_golden_dir_has_cases():
     assert os.path.isdir(GOLDEN_DIR), f"golden case directory {GOLDEN_DIR!r} does not exist (SADTALKER_GOLDEN_DIR)"
     assert CASE_PATHS, f"golden case directory {GOLDEN_DIR!r} holds no *.npz cases"
@@ -102,6 +91,6 @@ def test_golden(path, request, record_property):
         seconds = time.perf_counter() - started
         errors = " ".join(f"{k}={v:.3g}" for k, v in case.errors.items())
         record_property("golden_errors", dict(case.errors))
-        line = f"golden {case.name} [{case.kind}] {seconds:.2f}s max errors: {errors or '(none compared)'}"
-        _report(request.config, line)
+        line = f"golden {case.name} [{case.kind}] {seconds:.2f}s errors: {errors or '(none compared)'}"
+        report_line(request.config, line)
     assert case.errors, f"{case.name}: the check compared nothing"

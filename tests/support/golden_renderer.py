@@ -80,16 +80,20 @@ def check_generator(case: GoldenCase, nets) -> None:
         case.check_close("mask", out.mask, abs_tol=IMAGE_ABS_TOL)
 
 
-def _inputs_from_case(case: GoldenCase, prefix: str = ""):
-    """The renderer inputs of a (sub-)case built exactly as the reference call described by its options."""
+def render_inputs_from_case(case: GoldenCase, prefix: str = "", **changes):
+    """The renderer inputs of a (sub-)case built exactly as the reference call described by its options.
+
+    ``changes`` replace arguments of ``prepare_render_inputs`` (e.g. ``expression_scale``) to build deliberately
+    wrong inputs."""
     source_rgb = case[prefix + "source_png_rgb"]
     size = int(case[prefix + "source_image"].shape[-1])
-    pose = {f"input_{angle}": case.option(f"input_{angle}") for angle in ANGLES}
-    return prepare_render_inputs(
-        source_rgb, case[prefix + "source_coeff_3dmm"], case[prefix + "generated_coeff_3dmm"],
-        preprocess=str(case.option("preprocess", "crop")),
-        still=bool(case.option("still_mode", case.option("still", False))),
-        expression_scale=float(case.option("expression_scale", 1.0)), size=size, **pose)
+    options = dict(preprocess=str(case.option("preprocess", "crop")),
+                   still=bool(case.option("still_mode", case.option("still", False))),
+                   expression_scale=float(case.option("expression_scale", 1.0)), size=size,
+                   **{f"input_{angle}": case.option(f"input_{angle}") for angle in ANGLES})
+    options.update(changes)
+    return prepare_render_inputs(source_rgb, case[prefix + "source_coeff_3dmm"],
+                                 case[prefix + "generated_coeff_3dmm"], **options)
 
 
 def _check_render_data(case: GoldenCase, inputs, batch_size: int, prefix: str = "") -> None:
@@ -108,17 +112,33 @@ def _check_render_data(case: GoldenCase, inputs, batch_size: int, prefix: str = 
             assert ours is None, f"{case.name}: {angle} override produced but the reference has no {key}"
 
 
+def render_batch_size(case: GoldenCase) -> int:
+    return int(case.option("batch_size", 1))
+
+
+def render_frames(renderer: FaceRenderer, inputs, batch_size: int) -> np.ndarray:
+    """Our whole clip, (N, S, S, 3) float32 in [0, 1]."""
+    return np.stack(list(renderer.frames(inputs, batch_size=batch_size)))
+
+
+def reference_frames(case: GoldenCase, num_frames: int) -> np.ndarray:
+    """The reference's video frames (N, S, S, 3) from its batch layout (rows hold consecutive runs of frames)."""
+    predictions = case["predictions"]  # (batch_size, F, 3, S, S)
+    return predictions.reshape(-1, *predictions.shape[2:])[:num_frames].transpose(0, 2, 3, 1)
+
+
 def check_render(case: GoldenCase, nets) -> None:
-    """The whole renderer step (data preparation + networks) against the reference predictions."""
-    batch_size = int(case.option("batch_size", 1))
-    inputs = _inputs_from_case(case)
+    """The whole renderer step (data preparation + networks) against the reference predictions.
+
+    The frames are judged by ``RENDER_BOUNDS`` (error statistics), not by the max: a whole render is reproducible
+    across CPU kinds only to a few 1e-3 (``support.golden``'s docstring)."""
+    batch_size = render_batch_size(case)
+    inputs = render_inputs_from_case(case)
     _check_render_data(case, inputs, batch_size)
     renderer = FaceRenderer(nets.kp_extractor, nets.generator, nets.mapping_crop, nets.mapping_still)
-    frames = np.stack(list(renderer.frames(inputs, batch_size=batch_size)))  # (N, S, S, 3)
-    predictions = case["predictions"]  # (batch_size, F, 3, S, S): rows hold consecutive runs of frames
-    reference = predictions.reshape(-1, *predictions.shape[2:])[:inputs.num_frames]
-    case.arrays["video_frames"] = reference.transpose(0, 2, 3, 1)
-    case.check_close("video_frames", frames, abs_tol=IMAGE_ABS_TOL)
+    frames = render_frames(renderer, inputs, batch_size)
+    case.arrays["video_frames"] = reference_frames(case, inputs.num_frames)
+    case.check_render_close("video_frames", frames)
 
 
 def _sub_case(case: GoldenCase, prefix: str) -> GoldenCase:
@@ -137,8 +157,8 @@ def check_facerender_batch(case: GoldenCase, nets) -> None:
     assert prefixes, f"{case.name}: no calls found"
     for prefix in prefixes:
         sub = _sub_case(case, prefix)
-        batch_size = int(sub.option("batch_size", 1))
-        _check_render_data(sub, _inputs_from_case(sub), batch_size)
+        batch_size = render_batch_size(sub)
+        _check_render_data(sub, render_inputs_from_case(sub), batch_size)
         case.errors.update({prefix + key: value for key, value in sub.errors.items()})
 
 
@@ -154,3 +174,5 @@ CASES = {
     "render_pose_override": check_render,
     "facerender_batch": check_facerender_batch,
 }
+# The kinds that compare a whole render (judged by RENDER_BOUNDS rather than by the max)
+RENDER_KINDS = tuple(kind for kind, check in CASES.items() if check is check_render)
