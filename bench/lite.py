@@ -7,7 +7,9 @@ Prints, per clip:
   (median over repeats of rendering every frame of the clip; motion is computed once, outside the timing);
 * lip-sync r: Pearson correlation, over all frames, between the inner-lip opening that the 68-point landmark
   detector measures on the *output* frames (normalised by the eye distance) and the audio's RMS in each frame's
-  40 ms (samples [640 i, 640 (i + 1)) at 16 kHz).
+  40 ms (samples [640 i, 640 (i + 1)) at 16 kHz), and the lag of best correlation (bench/lipsync.py).
+
+The streaming motion of live sessions is compared with this file mode in bench/streaming_motion.py.
 """
 from __future__ import annotations
 
@@ -21,12 +23,11 @@ import time
 
 import numpy as np
 
-
+from lipsync import lip_opening, lip_sync
 from preview.lite import LiteEngine, LitePreview
 from preview.motion import audio_features, motion_from_audio
 from preview.warp import FaceWarper
 from core.audio import load_audio, num_video_frames
-from core.errors import NoFaceError
 from core.engine import Frame
 from core.image import load_image
 from core.landmarks import LandmarkDetector
@@ -57,16 +58,6 @@ def render_fps(render, num_frames: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def lip_opening(detector: LandmarkDetector, rgb: np.ndarray) -> float | None:
-    try:
-        points = detector.detect(rgb).points
-    except NoFaceError:
-        return None
-    inner_gap = np.mean([points[lower, 1] - points[upper, 1] for upper, lower in ((61, 67), (62, 66), (63, 65))])
-    eye_distance = np.linalg.norm(points[42:48].mean(0) - points[36:42].mean(0))
-    return float(inner_gap / eye_distance)
-
-
 def bench_clip(label: str, image: str, audio: str, repeats: int, detector: LandmarkDetector) -> None:
     rgb = load_image(image)
     face = detector.detect(rgb)
@@ -92,13 +83,13 @@ def bench_clip(label: str, image: str, audio: str, repeats: int, detector: Landm
             openings.append(value)
             levels.append(rms[event.index])
     elapsed = time.perf_counter() - start
-    r = float(np.corrcoef(openings, levels)[0, 1]) if len(openings) > 2 else float("nan")
+    r, lag = lip_sync(np.array(openings), np.array(levels))
 
     h, w = rgb.shape[:2]
     print(f"{label}: {num_frames} frames ({num_frames / 25:.1f} s), image {w}x{h}")
     print(f"  render fps {w}x{h} (full frame): {full:7.1f}  (median of {repeats})")
     print(f"  render fps 128x128 (preview):  {small:7.1f}  (median of {repeats})")
-    print(f"  lip-sync r (detector on output frames vs frame RMS): {r:.3f}  "
+    print(f"  lip-sync r (detector on output frames vs frame RMS): {r:.3f}, best lag {lag:+d} frames  "
           f"(frames measured {len(openings)}, face not found {missed}; generate+detect {elapsed:.1f} s)")
 
 

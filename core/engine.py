@@ -50,11 +50,13 @@ class PreviewRenderer(Protocol):
 @dataclass(frozen=True)
 class MotionReady:
     """The clip's motion is known (for a long clip: of its first seconds, the preview gets the rest before it plays
-    that far); previews can be rendered from now on."""
+    that far); previews can be rendered from now on. ``audio`` is the speech the motion belongs to (SAMPLE_RATE mono
+    float32, as decoded for the motion), so a live stream plays exactly what drives the mouth."""
 
     num_frames: int
     fps: float
     preview: PreviewRenderer
+    audio: np.ndarray
 
 
 @dataclass(frozen=True)

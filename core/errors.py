@@ -19,3 +19,7 @@ class NoFaceError(InputError):
 
 class CheckpointError(SadTalkerError):
     """A checkpoint file is missing, truncated or not the expected one."""
+
+
+class DependencyError(SadTalkerError):
+    """A package a feature needs is missing or does not load; the message says what to install."""

@@ -1,41 +1,125 @@
-"""Image input: anything Pillow reads (RGBA, grey, CMYK, palette, 16-bit, huge) -> RGB uint8 (H, W, 3)."""
+"""Image input: anything Pillow reads (RGBA, grey, CMYK, palette, 16-bit, huge) -> RGB uint8 (H, W, 3).
+
+Memory is bounded before anything is decoded: the size comes from the file's header, a JPEG larger than needed is
+decoded reduced (libjpeg scales by 1/2, 1/4 or 1/8 while decoding), and any other image of more than MAX_PIXELS is
+refused. Everything else happens on the downscaled picture.
+"""
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import InputError
 
 MAX_SIDE = 2048  # larger portraits are downscaled: the face never needs more, and memory stays bounded
-Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs, allow big camera photos
+# At most this many pixels are decoded. Pillow holds every mode in at most 4 bytes a pixel (16-bit grey in 2), so a
+# decoded image is at most 160 MB and loading one peaks well under 1 GB (bench/image_memory.py). A 40 MP photo is
+# 7700 x 5200; bigger baseline JPEGs are decoded reduced, so camera photos of any size are read.
+MAX_PIXELS = 40_000_000
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# EXIF orientation -> the transpose that shows the picture upright (what ImageOps.exif_transpose does)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+_UNREADABLE = (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError)
 
 
 def load_image(source: "str | np.ndarray | Image.Image", max_side: int = MAX_SIDE) -> np.ndarray:
-    """Return the portrait as contiguous RGB uint8, EXIF-rotated, at most ``max_side`` pixels on its longer side."""
+    """Return the portrait as contiguous RGB uint8, EXIF-rotated, at most ``max_side`` pixels on its longer side.
+
+    Raises InputError for a missing, unreadable or too large file (the size is checked before decoding)."""
     if isinstance(source, np.ndarray):
-        image = Image.fromarray(_as_uint8(source))
+        image, orientation = Image.fromarray(_as_uint8(source)), None
     elif isinstance(source, Image.Image):
-        image = source
+        image, orientation = source, _orientation(source)
     else:
-        if not source or not os.path.isfile(source):
-            raise InputError(f"Image file {source!r} was not found. Upload a portrait photo (jpg or png).")
+        image = _open(source)
+        orientation = _orientation(image)
         try:
-            image = Image.open(source)
+            _reduce_while_decoding(image, max_side)
+            _check_size(image)
             image.load()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-            raise InputError(f"Could not read the image ({exc.__class__.__name__}). "
-                             "Upload a photo in a common format such as jpg or png.") from None
-    image = ImageOps.exif_transpose(image)
-    image = _to_rgb(image)
+        except InputError:
+            raise
+        except _UNREADABLE as exc:
+            raise _unreadable(exc) from None
     width, height = image.size
     if width < 1 or height < 1:
         raise InputError("The image is empty. Upload a portrait photo.")
+    if image.mode in ("P", "PA", "1"):  # palette and 1-bit pictures are resized as colour, not nearest-neighbour
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else
+                              "L" if image.mode == "1" else "RGB")
     scale = max_side / max(width, height)
-    if scale < 1.0:
+    if scale < 1.0:  # downscale first: the conversions below then work on at most max_side x max_side pixels
         image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+    if orientation in _ORIENTATION:
+        image = image.transpose(_ORIENTATION[orientation])
+    image = _to_rgb(image)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def _open(path: str) -> Image.Image:
+    """The image with only its header read (Pillow decodes lazily)."""
+    if not path or not os.path.isfile(path):
+        raise InputError(f"Image file {path!r} was not found. Upload a portrait photo (jpg or png).")
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(3)
+        if magic == _JPEG_MAGIC:
+            # Not Image.open: its decompression-bomb check refuses a big JPEG that we can decode reduced.
+            return JpegImagePlugin.JpegImageFile(path)
+        with warnings.catch_warnings():  # our own size check follows, with a message that says what to do
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as exc:  # far over our limit too: say how big it is
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(None, pixels=int(pixels.group(1)) if pixels else None) from None
+    except _UNREADABLE as exc:
+        raise _unreadable(exc) from None
+
+
+def _reduce_while_decoding(image: Image.Image, max_side: int) -> None:
+    """A baseline JPEG bigger than needed is decoded at 1/2, 1/4 or 1/8 of its size (still at least max_side)."""
+    width, height = image.size
+    if image.format != "JPEG" or max(width, height) <= max_side:
+        return
+    if image.info.get("progressive") and width * height > MAX_PIXELS:
+        # libjpeg holds a progressive JPEG's coefficients at full size whatever the output size: not bounded
+        raise _too_large(image.size, "progressive JPEG")
+    scale = max_side / max(width, height)
+    image.draft(None, (max(1, int(width * scale)), max(1, int(height * scale))))
+
+
+def _check_size(image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise _too_large((width, height))
+
+
+def _too_large(size: tuple[int, int] | None, kind: str = "image", pixels: int | None = None) -> InputError:
+    limit = f"{MAX_PIXELS / 1e6:g} megapixels"
+    if size:
+        what = f"The {kind} is {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} megapixels)"
+    else:
+        what = f"The {kind} has {pixels / 1e6:.0f} megapixels" if pixels else f"The {kind} is far larger than {limit}"
+    return InputError(f"{what}; images up to {limit} are read (baseline JPEG photos of any size). "
+                      f"Save it smaller, e.g. at most {MAX_SIDE} pixels on its longer side, or as a JPEG.")
+
+
+def _unreadable(exc: BaseException) -> InputError:
+    return InputError(f"Could not read the image ({exc.__class__.__name__}). "
+                      "Upload a photo in a common format such as jpg or png.")
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block: show the picture as stored
+        return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

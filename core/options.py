@@ -45,6 +45,7 @@ class Options:
     # --- every engine ---
     output: str | None = None  # mp4 to write (H.264 + AAC); None = frames only (benchmarks, tests)
     max_audio_s: float = 300.0  # longer audio is refused up front (memory and time are linear in length)
+    min_audio_s: float = 1.0 / FPS  # shorter audio is refused (the app and the CLI ask for core.audio.MIN_AUDIO_S)
     seed: int | None = _option(None, Control(  # randomness of head motion / blinks / pose noise
         "Seed", "fixed randomness (head motion, blinks); empty = different each time", engines="all"))
     use_blink: bool = _option(True, Control("Eye blinks", "natural eye blinks", engines="all", flag="--blink"))
@@ -96,6 +97,8 @@ class Options:
             raise InputError(f"background enhancer must be 'realesrgan' or none (got {self.background_enhancer!r}).")
         if not (math.isfinite(self.max_audio_s) and self.max_audio_s > 0):
             raise InputError(f"max audio length must be a positive number of seconds (got {self.max_audio_s!r}).")
+        if not (math.isfinite(self.min_audio_s) and 0 <= self.min_audio_s <= self.max_audio_s):
+            raise InputError(f"min audio length must be between 0 and the max audio length (got {self.min_audio_s!r}).")
         for name in ("input_yaw", "input_pitch", "input_roll"):
             values = getattr(self, name)
             if values is not None and (len(values) == 0 or not all(math.isfinite(v) and -90 <= v <= 90 for v in values)):

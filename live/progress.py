@@ -25,12 +25,15 @@ class RenderRate:
         """Seconds until ``total`` frames are done; None while unknown (fewer than two measurements)."""
         if total <= done:
             return 0.0
-        times = self._times
-        if len(times) >= 3 and times[-1] > times[0]:
-            rate = (len(times) - 1) / (times[-1] - times[0])  # final frames per second, recently
-        elif self._started is not None and times and times[-1] > self._started:
+        times, rate = self._times, self.fps()  # final frames per second, recently
+        if rate is None and self._started is not None and times and times[-1] > self._started:
             # a slow engine's first frames (seconds each): its rate since the motion was known, set-up included
             rate = done / (times[-1] - self._started)
-        else:
-            return None
-        return (total - done) / rate
+        return None if rate is None else (total - done) / rate
+
+    def fps(self) -> float | None:
+        """Final frames per second recently; None until three frames say it."""
+        times = self._times
+        if len(times) >= 3 and times[-1] > times[0]:
+            return (len(times) - 1) / (times[-1] - times[0])
+        return None

@@ -62,17 +62,17 @@ class LiteEngine:
         yield Progress("landmarks", 1, 1, f"Face found ({face.backend} landmarks)")
 
         yield Progress("audio", 0, 1, "Reading the audio")
-        samples = load_audio(audio, max_seconds=options.max_audio_s)
+        samples = load_audio(audio, max_seconds=options.max_audio_s, min_seconds=options.min_audio_s)
         num_frames = num_video_frames(samples.size)
         duration_s = num_frames / FPS
         yield Progress("audio", 1, 1, f"{samples.size / SAMPLE_RATE:.1f} s of audio, {num_frames} frames")
 
         yield Progress("motion", 0, 1, "Computing lip, head and eye motion")
         motion = motion_from_audio(samples, num_frames, seed=seed, use_blink=options.use_blink)
-        del samples
         preview = LitePreview(rgb, face.points, motion)
         yield Progress("motion", 1, 1, "Motion ready")
-        yield MotionReady(num_frames=num_frames, fps=FPS, preview=preview)
+        yield MotionReady(num_frames=num_frames, fps=FPS, preview=preview, audio=samples)
+        del samples
 
         warper = FaceWarper(rgb, face.points)
         height, width = rgb.shape[:2]

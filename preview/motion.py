@@ -11,9 +11,14 @@ Everything a frame needs is a ``Pose`` (preview/warp.py). The motion of a whole 
 * Head: slow random drift (a few incommensurate sines per axis, livelier while speaking) plus nods, turns and brow
   raises triggered by emphasis (loudness onsets), each with its own seeded amplitude and timing, so it never repeats.
 * Blinks: every ~2-6 s (seeded), ~160 ms, sometimes a double blink.
+
+The per-frame rules (analysis window, opening, lip shape, jaw, followers, emphasis, blinks) are shared with the
+live sessions' causal motion (preview/streaming.py), which runs them tick by tick with running statistics.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -29,8 +34,24 @@ VOICE_BAND = (80.0, 3000.0)  # Hz: where vowels carry their energy; fricatives (
 SHAPE_BAND = (100.0, 4000.0)
 JAW_DEAD_ZONE = 0.01  # face units (~0.4 px on a 512 px portrait)
 ATTACK, RELEASE = 0.75, 0.42  # per-frame follower coefficients of the jaw (open fast, close smoothly)
+OPENING_MAX = 1.2  # mouth opening (1 = the loud syllables) is capped here
+SHAPE_ATTACK, SHAPE_RELEASE = 0.5, 0.35  # follower of the lip shape
+VOICED_OPENING = 0.15  # frames at least this open are vowels: their centroids set the lip-shape reference
+SPEAKING_OPENING = 0.1  # frames at least this open count as speaking (liveliness of the head)
+ACTIVITY_ATTACK, ACTIVITY_RELEASE = 0.06, 0.03  # speaking -> liveliness over ~0.7 s, back over ~1.3 s
+SPEAKING_LIVELINESS = 0.6  # the drift is this much larger while speaking
+FADE_IN_S = 0.5  # the first frame is the photo itself; the drift fades in over this
+ENVELOPE_ATTACK, ENVELOPE_RELEASE = 0.6, 0.3  # loudness envelope whose rises are emphasis onsets
+ONSET_MIN = 0.18  # a rise of the envelope over 2 frames at least this large is an emphasis...
+ONSET_SPACING = 9  # ...if it is a local peak and at least this many frames after the previous one
+BROW_ONSET_MIN = 0.3  # only strong onsets may raise the brows
+BROW_PEAK_S = 0.2
 EVENT_FRAMES = 3 * FPS  # how long a nod/turn is followed (its tail is < 1 % after 8 peak times)
 BLINK_CLOSE_S, BLINK_HOLD_S, BLINK_OPEN_S = 0.04, 0.04, 0.08  # a blink is ~160 ms; the 40 ms hold meets every frame
+BLINK_MIN_GAP_S = 1.8  # gaps between blinks: this plus a gamma(2, 1.1 s): mean ~4 s, rarely under 2 s
+BLINK_GAP_SHAPE, BLINK_GAP_SCALE_S = 2.0, 1.1
+BLINK_FIRST_SPREAD_S = 1.6  # the first blink comes within this after ``first_after_s``
+DOUBLE_BLINK_P, DOUBLE_BLINK_DELAY_S = 0.12, 0.32  # a quick double blink now and then
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,16 +69,11 @@ class AudioFeatures:
 
 def audio_features(samples: np.ndarray, num_frames: int, sample_rate: int = SAMPLE_RATE) -> AudioFeatures:
     hop = sample_rate // FPS
-    n_fft = 1 << max(8, int(math.ceil(math.log2(hop * 1.6))))  # 1024 at 16 kHz: a 64 ms window centred on the frame
+    n_fft = analysis_window(sample_rate)
     padded = np.zeros(num_frames * hop + n_fft, dtype=np.float32)
     usable = min(samples.size, num_frames * hop)
     start = (n_fft - hop) // 2
     padded[start:start + usable] = samples[:usable]
-    window = np.hanning(n_fft).astype(np.float32)
-    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    voice_bins = (freqs >= VOICE_BAND[0]) & (freqs <= VOICE_BAND[1])
-    shape_bins = (freqs >= SHAPE_BAND[0]) & (freqs <= SHAPE_BAND[1])
-    norm = 2.0 / (n_fft * float(np.sum(window ** 2)))
 
     rms = np.zeros(num_frames, np.float32)
     voice = np.zeros(num_frames, np.float32)
@@ -67,14 +83,45 @@ def audio_features(samples: np.ndarray, num_frames: int, sample_rate: int = SAMP
         last = min(num_frames, first + chunk)
         idx = np.arange(first, last)
         frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[idx * hop]  # (n, n_fft) view
-        raw = frames[:, start:start + hop]
-        rms[first:last] = np.sqrt(np.mean(raw.astype(np.float64) ** 2, axis=1))
-        power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
-        voice[first:last] = np.sqrt(norm * power[:, voice_bins].sum(1))
-        shape_power = power[:, shape_bins]
-        total = shape_power.sum(1)
-        centroid[first:last] = (shape_power @ freqs[shape_bins]) / np.maximum(total, 1e-20)
+        rms[first:last], voice[first:last], centroid[first:last] = window_features(frames, sample_rate)
     return AudioFeatures(rms=rms, voice=voice, centroid=centroid)
+
+
+def analysis_window(sample_rate: int = SAMPLE_RATE) -> int:
+    """Samples each frame's features are computed from (centred on its hop): 1024 at 16 kHz, a 64 ms window."""
+    hop = sample_rate // FPS
+    return 1 << max(8, int(math.ceil(math.log2(hop * 1.6))))
+
+
+@functools.lru_cache(maxsize=4)
+def _spectral_bins(n_fft: int, sample_rate: int):
+    window = np.hanning(n_fft).astype(np.float32)
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    voice_bins = (freqs >= VOICE_BAND[0]) & (freqs <= VOICE_BAND[1])
+    shape_bins = (freqs >= SHAPE_BAND[0]) & (freqs <= SHAPE_BAND[1])
+    norm = 2.0 / (n_fft * float(np.sum(window ** 2)))
+    for shared in (window, freqs, voice_bins, shape_bins):  # cached for every caller: read-only
+        shared.flags.writeable = False
+    return window, freqs, voice_bins, shape_bins, norm
+
+
+def window_features(frames: np.ndarray, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rms, voice, centroid), each (n,), of analysis windows ``frames`` (n, analysis_window) float32.
+
+    ``rms`` is over the window's central hop (the frame's own samples); the others over the Hann-weighted window.
+    """
+    n_fft = frames.shape[-1]
+    hop = sample_rate // FPS
+    start = (n_fft - hop) // 2
+    window, freqs, voice_bins, shape_bins, norm = _spectral_bins(n_fft, sample_rate)
+    raw = frames[:, start:start + hop]
+    rms = np.sqrt(np.mean(raw.astype(np.float64) ** 2, axis=1))
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
+    voice = np.sqrt(norm * power[:, voice_bins].sum(1))
+    shape_power = power[:, shape_bins]
+    total = shape_power.sum(1)
+    centroid = (shape_power @ freqs[shape_bins]) / np.maximum(total, 1e-20)
+    return rms, voice, centroid
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,11 +154,12 @@ class BlinkSchedule:
     """Blink start times (seeded) and the eyelid closure at any time."""
 
     def __init__(self, rng: np.random.Generator, horizon_s: float, first_after_s: float = 0.6):
-        count = int(horizon_s / 1.8) + 2  # gaps are at least 1.8 s
-        gaps = 1.8 + rng.gamma(2.0, 1.1, count)  # mean gap ~4 s, rarely under 2 s
-        starts = rng.uniform(first_after_s, first_after_s + 1.6) + np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+        count = int(horizon_s / BLINK_MIN_GAP_S) + 2
+        gaps = BLINK_MIN_GAP_S + rng.gamma(BLINK_GAP_SHAPE, BLINK_GAP_SCALE_S, count)
+        first = rng.uniform(first_after_s, first_after_s + BLINK_FIRST_SPREAD_S)
+        starts = first + np.concatenate([[0.0], np.cumsum(gaps[:-1])])
         starts = starts[starts < horizon_s]
-        doubles = starts[rng.random(starts.size) < 0.12] + 0.32  # a quick double blink now and then
+        doubles = starts[rng.random(starts.size) < DOUBLE_BLINK_P] + DOUBLE_BLINK_DELAY_S
         self.times = np.sort(np.concatenate([starts, doubles[doubles < horizon_s]]))
 
     def at(self, t: np.ndarray | float) -> np.ndarray:
@@ -123,14 +171,55 @@ class BlinkSchedule:
         for back in (0, 1):  # the one before may still be open in a double blink
             index = latest - back
             tau = np.where(index >= 0, t - self.times[np.clip(index, 0, None)], -1.0)
-            closure = np.maximum(closure, self._profile(tau))
+            closure = np.maximum(closure, blink_closure(tau))
         return closure
 
-    @staticmethod
-    def _profile(tau: np.ndarray) -> np.ndarray:
-        closing = np.clip(tau / BLINK_CLOSE_S, 0.0, 1.0)
-        opening = np.clip((tau - BLINK_CLOSE_S - BLINK_HOLD_S) / BLINK_OPEN_S, 0.0, 1.0)
-        return np.where(tau < 0, 0.0, _ease(closing) * (1.0 - _ease(opening)))
+
+class BlinkStream:
+    """The blinks of ``BlinkSchedule``, drawn lazily for a clock that runs for hours: ``at(t)`` for t that never
+    decreases. Holds only the blinks around t (nothing grows with t)."""
+
+    def __init__(self, rng: np.random.Generator, start_s: float, first_after_s: float = 0.6):
+        self.rng = rng
+        self._started: collections.deque[float] = collections.deque(maxlen=2)  # a double blink overlaps one
+        self._pending: collections.deque[float] = collections.deque()
+        self._next_regular = start_s + rng.uniform(first_after_s, first_after_s + BLINK_FIRST_SPREAD_S)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        start = self._next_regular
+        self._pending.append(start)
+        if self.rng.random() < DOUBLE_BLINK_P:
+            self._pending.append(start + DOUBLE_BLINK_DELAY_S)
+        self._next_regular = start + BLINK_MIN_GAP_S + self.rng.gamma(BLINK_GAP_SHAPE, BLINK_GAP_SCALE_S)
+
+    def at(self, t: float) -> float:
+        if t - self._pending[0] > 60.0:  # the clock jumped: resume the pattern from t
+            self._pending.clear()
+            self._next_regular = t + self.rng.uniform(0.0, BLINK_MIN_GAP_S)
+            self._schedule()
+        while self._pending[0] <= t:
+            self._started.append(self._pending.popleft())
+            if not self._pending:
+                self._schedule()
+        return max((blink_closure_at(t - start) for start in self._started), default=0.0)
+
+
+def blink_closure(tau: np.ndarray | float) -> np.ndarray:
+    """Eyelid closure (0 open .. 1 closed) ``tau`` seconds after a blink started; 0 before it."""
+    tau = np.asarray(tau, dtype=np.float64)
+    closing = np.clip(tau / BLINK_CLOSE_S, 0.0, 1.0)
+    opening = np.clip((tau - BLINK_CLOSE_S - BLINK_HOLD_S) / BLINK_OPEN_S, 0.0, 1.0)
+    return np.where(tau < 0, 0.0, _ease(closing) * (1.0 - _ease(opening)))
+
+
+def blink_closure_at(tau: float) -> float:
+    """``blink_closure`` of one time, without numpy's per-call overhead."""
+    if tau < 0.0:
+        return 0.0
+    closing = min(tau / BLINK_CLOSE_S, 1.0)
+    opening = min(max((tau - BLINK_CLOSE_S - BLINK_HOLD_S) / BLINK_OPEN_S, 0.0), 1.0)
+    return _ease(closing) * (1.0 - _ease(opening))
 
 
 def _ease(x: np.ndarray) -> np.ndarray:
@@ -141,6 +230,14 @@ def _impulse(tau: np.ndarray, peak_s: float) -> np.ndarray:
     """0 before the event, eases in to 1 at ``peak_s``, then settles back (no jump in speed at the start)."""
     x = np.clip(tau / peak_s, 0.0, None)
     return np.where(tau > 0, x * x * np.exp(2.0 * (1.0 - x)), 0.0)
+
+
+def _impulse_at(tau: float, peak_s: float) -> float:
+    """``_impulse`` of one time, without numpy's per-call overhead."""
+    if tau <= 0.0:
+        return 0.0
+    x = tau / peak_s
+    return x * x * math.exp(2.0 * (1.0 - x))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,14 +273,84 @@ def mouth_opening(features: AudioFeatures) -> np.ndarray:
     peak = float(voice.max()) if voice.size else 0.0
     if peak < 1e-4:  # silence (below -80 dBFS)
         return np.zeros_like(voice)
+    return opening_from_voice(voice, *loudness_gate(*loudness_levels(voice)))
+
+
+def loudness_levels(voice: np.ndarray, percentile=np.percentile) -> tuple[float, float]:
+    """(noise, reference) of voice-band loudness values: the 10th percentile of all of them (pauses), and the 90th
+    of the active ones (above 5 % of the peak): the loud syllables. ``percentile(values, q)``: numpy's, or one as
+    defined but faster on short arrays (the streaming motion's, per tick)."""
+    peak = float(voice.max())
     active = voice[voice > 0.05 * peak]
-    reference = float(np.percentile(active, 90))
-    noise = float(np.percentile(voice, 10))
+    return float(percentile(voice, 10)), float(percentile(active, 90))
+
+
+def loudness_gate(noise: float, reference: float) -> tuple[float, float]:
+    """(gate, reference) of the voice-band loudness: below the gate the mouth is closed, at the reference (the
+    loud syllables, ~90th percentile of the active frames) it is open 1. ``noise``: the quiet frames' level."""
     gate = max(1e-4, 2.0 * noise, 0.08 * reference)
     if reference <= gate * 1.5:
         reference = gate * 1.5
+    return gate, reference
+
+
+def opening_from_voice(voice: np.ndarray | float, gate: float, reference: float) -> np.ndarray:
+    """Target mouth opening in [0, OPENING_MAX] of a voice-band loudness (compressed: quiet syllables still show)."""
     opening = np.clip((voice - gate) / (reference - gate), 0.0, 1.3) ** 0.75
-    return np.minimum(opening, 1.2)
+    return np.minimum(opening, OPENING_MAX)
+
+
+def lip_shape_target(centroid: np.ndarray | float, median: float, spread: float,
+                     opening: np.ndarray | float) -> np.ndarray:
+    """Lip shape in [-1, 1] (before smoothing): the centroid against the voice's median, in units of its spread;
+    only as much as the mouth is open (a closed mouth has no vowel shape)."""
+    return np.tanh((centroid - median) / (1.5 * spread)) * np.clip(opening / 0.35, 0.0, 1.0)
+
+
+def jaw_drop(jaw_open: np.ndarray | float, lip_shape: np.ndarray | float) -> np.ndarray:
+    """The Pose's jaw (face units) from the smoothed opening; rounded vowels drop the jaw a little more."""
+    rounding = np.clip(-lip_shape, 0.0, 1.0)
+    jaw = JAW_PEAK * jaw_open * (1.0 + 0.15 * rounding)
+    # The follower's tail decays forever; below a fraction of a pixel the lips are simply closed.
+    return np.maximum(jaw - JAW_DEAD_ZONE, 0.0) * (JAW_PEAK / (JAW_PEAK - JAW_DEAD_ZONE))
+
+
+@dataclass(frozen=True)
+class Emphasis:
+    """The head's answer to one emphasis (a loudness onset): a nod, maybe a turn with a tilt, maybe a brow raise.
+
+    Amplitudes already include the onset's strength; 0 = that part was not drawn.
+    """
+
+    nod_deg: float = 0.0
+    nod_peak_s: float = 0.2
+    yaw_deg: float = 0.0
+    roll_deg: float = 0.0
+    turn_peak_s: float = 0.3
+    brow: float = 0.0  # face units
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, strength: float) -> "Emphasis":
+        weight = min(1.0, float(strength) / 0.5)
+        parts = {}
+        if rng.random() < 0.85:
+            parts["nod_deg"] = rng.uniform(1.5, 3.5) * weight
+            parts["nod_peak_s"] = rng.uniform(0.14, 0.22)
+        if rng.random() < 0.5:
+            parts["turn_peak_s"] = rng.uniform(0.25, 0.4)
+            parts["yaw_deg"] = float(rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.5) * weight)
+            parts["roll_deg"] = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * weight)
+        if strength > BROW_ONSET_MIN and rng.random() < 0.5:
+            parts["brow"] = rng.uniform(0.03, 0.06) * weight
+        return cls(**parts)
+
+    def at(self, tau: float) -> tuple[float, float, float, float]:
+        """(pitch, yaw, roll, brow) ``tau`` seconds after the onset (scalar: the streaming motion's per-tick path)."""
+        if tau <= 0.0:
+            return 0.0, 0.0, 0.0, 0.0
+        turn = _impulse_at(tau, self.turn_peak_s)
+        return (self.nod_deg * _impulse_at(tau, self.nod_peak_s), self.yaw_deg * turn, self.roll_deg * turn,
+                self.brow * _impulse_at(tau, BROW_PEAK_S))
 
 
 def follow(target: np.ndarray, attack: float, release: float) -> np.ndarray:
@@ -191,9 +358,14 @@ def follow(target: np.ndarray, attack: float, release: float) -> np.ndarray:
     out = np.empty_like(target)
     value = 0.0
     for i, x in enumerate(target):
-        value += (attack if x > value else release) * (x - value)
+        value = follow_step(value, x, attack, release)
         out[i] = value
     return out
+
+
+def follow_step(value: float, target: float, attack: float, release: float) -> float:
+    """One frame of ``follow``: towards ``target`` by ``attack`` of the way when rising, else by ``release``."""
+    return value + (attack if target > value else release) * (target - value)
 
 
 def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink: bool = True,
@@ -206,48 +378,46 @@ def motion_from_audio(samples: np.ndarray, num_frames: int, seed: int, use_blink
     # Mouth
     opening = mouth_opening(features)
     jaw_open = follow(opening, ATTACK, RELEASE)
-    voiced = opening > 0.15
+    voiced = opening > VOICED_OPENING
     if voiced.sum() >= 3:
         c = features.centroid.astype(np.float64)
         median = float(np.median(c[voiced]))
         spread = float(np.median(np.abs(c[voiced] - median))) + 1.0
-        shape = np.tanh((c - median) / (1.5 * spread)) * np.clip(opening / 0.35, 0.0, 1.0)
+        shape = lip_shape_target(c, median, spread, opening)
     else:
         shape = np.zeros(num_frames)
-    shape = follow(shape, 0.5, 0.35)
-    rounding = np.clip(-shape, 0.0, 1.0)
-    jaw = JAW_PEAK * jaw_open * (1.0 + 0.15 * rounding)
-    # The follower's tail decays forever; below a fraction of a pixel the lips are simply closed.
-    jaw = np.maximum(jaw - JAW_DEAD_ZONE, 0.0) * (JAW_PEAK / (JAW_PEAK - JAW_DEAD_ZONE))
+    shape = follow(shape, SHAPE_ATTACK, SHAPE_RELEASE)
+    jaw = jaw_drop(jaw_open, shape)
 
     # Speech activity (slow) scales the head's drift: livelier while talking, calm in pauses.
-    activity = follow((opening > 0.1).astype(np.float64), 0.06, 0.03)
+    activity = follow((opening > SPEAKING_OPENING).astype(np.float64), ACTIVITY_ATTACK, ACTIVITY_RELEASE)
     drift = HeadDrift(rng).at(times)
-    fade_in = _ease(np.clip(times / 0.5, 0.0, 1.0))  # frame 0 is the photo itself
-    liveliness = fade_in * (1.0 + 0.6 * activity)
+    fade_in = _ease(np.clip(times / FADE_IN_S, 0.0, 1.0))  # frame 0 is the photo itself
+    liveliness = fade_in * (1.0 + SPEAKING_LIVELINESS * activity)
     head = {axis: values * liveliness for axis, values in drift.items()}
     brow = np.zeros(num_frames)
 
     # Emphasis: onsets of loudness -> a nod (down and back), sometimes a small turn/tilt and a brow raise.
-    envelope = follow(opening, 0.6, 0.3)
+    envelope = follow(opening, ENVELOPE_ATTACK, ENVELOPE_RELEASE)
     onset = np.maximum(0.0, envelope - np.concatenate([[0.0, 0.0], envelope[:-2]]))
     last = -1e9
     for i in range(1, num_frames - 1):
         strength = onset[i]
-        if strength < 0.18 or strength < onset[i - 1] or strength < onset[i + 1] or i - last < 9:
+        if (strength < ONSET_MIN or strength < onset[i - 1] or strength < onset[i + 1]
+                or i - last < ONSET_SPACING):
             continue
         last = i
         span = slice(i, min(num_frames, i + EVENT_FRAMES))  # an event has settled (< 1 %) after ~3 s
         tau = times[span] - times[i]
-        weight = min(1.0, strength / 0.5)
-        if rng.random() < 0.85:
-            head["pitch"][span] += rng.uniform(1.5, 3.5) * weight * _impulse(tau, rng.uniform(0.14, 0.22))
-        if rng.random() < 0.5:
-            turn = _impulse(tau, rng.uniform(0.25, 0.4))
-            head["yaw"][span] += rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.5) * weight * turn
-            head["roll"][span] += rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5) * weight * turn
-        if strength > 0.3 and rng.random() < 0.5:
-            brow[span] += rng.uniform(0.03, 0.06) * weight * _impulse(tau, 0.2)
+        emphasis = Emphasis.draw(rng, strength)
+        if emphasis.nod_deg:
+            head["pitch"][span] += emphasis.nod_deg * _impulse(tau, emphasis.nod_peak_s)
+        if emphasis.yaw_deg:
+            turn = _impulse(tau, emphasis.turn_peak_s)
+            head["yaw"][span] += emphasis.yaw_deg * turn
+            head["roll"][span] += emphasis.roll_deg * turn
+        if emphasis.brow:
+            brow[span] += emphasis.brow * _impulse(tau, BROW_PEAK_S)
 
     blink = BlinkSchedule(rng, num_frames / FPS).at(times) if use_blink else np.zeros(num_frames)
     as32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
@@ -272,7 +442,7 @@ class IdleMotion:
 
     def pose(self, t: float) -> Pose:
         t = max(0.0, float(t))
-        fade_in = float(_ease(np.clip(t / 0.5, 0.0, 1.0)))
+        fade_in = float(_ease(np.clip(t / FADE_IN_S, 0.0, 1.0)))
         drift = {axis: float(v) * fade_in for axis, v in self.drift.at(t).items()}
         nod = self.NOD_DEG * 0.5 * (1.0 - math.cos(2 * math.pi * self.NOD_HZ * t))
         blink = float(self.blinks.at(t)) if self.blinks is not None else 0.0

@@ -132,7 +132,7 @@ class SadTalkerPipeline:
         source = SourceFace(crop=crop, coeff=self._image_coefficients(crop.image, nets)[None], landmarks=face.points)
 
         yield Progress("audio", 0, 1, "Reading the audio")
-        wav = load_audio(audio, options.max_audio_s)
+        wav = load_audio(audio, options.max_audio_s, min_seconds=options.min_audio_s)
         features = audio_features(wav)
         ref_eyeblink = ref_pose = None
         if options.ref_eyeblink:
@@ -145,14 +145,15 @@ class SadTalkerPipeline:
 
         yield Progress("motion", 0, 1, "Predicting expression and head motion from the audio")
         renderer = FaceRenderer(nets.kp_extractor, nets.generator, nets.mapping_crop, nets.mapping_still)
-        inputs = yield from self._motion(renderer, nets, source, features, options, ref_eyeblink, ref_pose)
+        inputs = yield from self._motion(renderer, nets, source, wav, features, options, ref_eyeblink, ref_pose)
 
         enhancer, warnings = self._enhancer(options)
         for warning in warnings:
             yield Progress("enhancer", 0, 0, warning)
         yield from self._render(renderer, inputs, source, rgb, audio, options, enhancer, warnings)
 
-    def _motion(self, renderer: FaceRenderer, nets: SadTalkerNetworks, source: SourceFace, features: AudioFeatures,
+    def _motion(self, renderer: FaceRenderer, nets: SadTalkerNetworks, source: SourceFace, wav: np.ndarray,
+                features: AudioFeatures,
                 options: Options, ref_eyeblink: np.ndarray | None,
                 ref_pose: np.ndarray | None) -> Generator[Event, None, RenderInputs]:
         """Coefficients -> renderer inputs and keypoints; yields ``MotionReady``, returns the renderer inputs.
@@ -182,11 +183,11 @@ class SadTalkerPipeline:
             padded = np.concatenate([head, np.repeat(head[-1:], num_frames - len(head), axis=0)])  # N for yaw paths
             keypoints = renderer.keypoints(render_inputs(padded), frames=PREVIEW_HEAD_FRAMES - PREVIEW_HEAD_MARGIN)
             preview = KeypointPreview(crop.image, keypoints.source, keypoints.driving, num_frames=num_frames)
-            yield MotionReady(num_frames=num_frames, fps=float(FPS), preview=preview)
+            yield MotionReady(num_frames=num_frames, fps=float(FPS), preview=preview, audio=wav)
         inputs = render_inputs(coefficients(num_frames))
         keypoints = renderer.keypoints(inputs)
         if preview is None:
-            yield MotionReady(num_frames=num_frames, fps=float(FPS),
+            yield MotionReady(num_frames=num_frames, fps=float(FPS), audio=wav,
                               preview=KeypointPreview(crop.image, keypoints.source, keypoints.driving))
         else:
             preview.update(keypoints.driving)

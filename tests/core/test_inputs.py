@@ -3,12 +3,15 @@ clear message. Runs through the Studio (the path the app takes) with the real li
 so each generation takes a second or two."""
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from support.bombs import write_png_bomb
 from support.paths import ROOT
 from live.studio import Studio
 from core.audio import ffmpeg_exe, write_wav
@@ -121,6 +124,8 @@ BAD = {  # case -> (which input, how to make it, words the message must contain)
     "unreadable audio": ("audio", write_bytes(b"RIFF\x00\x00garbage" * 10), ["Could not read the audio", "wav"]),
     "empty file": ("audio", write_bytes(b""), ["Could not read the audio"]),
     "empty recording": ("audio", lambda path: write_wav(str(path), np.zeros(100, np.float32)), ["audio is empty"]),
+    "half a second": ("audio", lambda path: write_wav(str(path), np.zeros(8000, np.float32)),
+                      ["only 0.50 s long", "at least 1 s"]),
     "too long": ("audio", None, ["longer than the limit", "--max-audio-seconds"]),
 }
 
@@ -140,3 +145,53 @@ def test_bad_input_gets_a_message_that_says_what_to_do(tmp_path, speech, case):
     for word in words:
         assert word.lower() in snap.error.lower(), snap.error
     assert not list((tmp_path / "outputs").glob("*/*")), "a failed job left files behind"
+
+
+# What reading one image costs, in a fresh process: its peak memory (VmHWM, MB) before and after, the time, the outcome.
+LOAD_ONE = r"""
+import json, re, sys, time
+from core.errors import InputError
+from core.image import load_image
+def peak_mb():
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+before, start = peak_mb(), time.perf_counter()
+try:
+    outcome = list(load_image(sys.argv[1]).shape)
+except InputError as exc:
+    outcome = str(exc)
+print(json.dumps({"grew_mb": peak_mb() - before, "seconds": time.perf_counter() - start, "outcome": outcome}))
+"""
+
+
+def load_in_a_fresh_process(path) -> dict:
+    done = subprocess.run([sys.executable, "-c", LOAD_ONE, str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("bit_depth, colour_type", [(8, 2), (16, 0)], ids=["rgb", "16-bit grey"])
+def test_a_decompression_bomb_is_refused_at_once_without_decoding_it(tmp_path, bit_depth, colour_type):
+    bomb = tmp_path / "bomb.png"  # 20000x20000: 1.2 GB (RGB) or 0.8 GB (16-bit) decoded, ~1 MB on disk
+    write_png_bomb(bomb, 20000, 20000, bit_depth=bit_depth, colour_type=colour_type)
+    result = load_in_a_fresh_process(bomb)
+    assert "400 megapixels" in result["outcome"] and "up to 40 megapixels" in result["outcome"], result
+    assert result["grew_mb"] < 20 and result["seconds"] < 2.0, result
+
+
+def test_a_bomb_just_over_the_limit_is_refused_and_one_under_it_is_read(tmp_path):
+    over, under = tmp_path / "over.png", tmp_path / "under.png"
+    write_png_bomb(over, 8000, 5001, colour_type=0)
+    write_png_bomb(under, 8000, 5000, colour_type=0)
+    assert "8000x5001 pixels" in load_in_a_fresh_process(over)["outcome"]
+    read = load_in_a_fresh_process(under)
+    assert read["outcome"] == [1280, 2048, 3], read
+    assert read["grew_mb"] < 150, read  # 40 MP of grey: 40 MB decoded (bench/image_memory.py has the worst modes)
+
+
+def test_a_huge_jpeg_is_decoded_reduced(tmp_path):
+    photo = tmp_path / "panorama.jpg"  # 96 MP: over the limit, read at 1/4 of its size while decoding
+    portrait().convert("L").resize((12000, 8000), Image.Resampling.NEAREST).save(photo, quality=80)
+    result = load_in_a_fresh_process(photo)
+    assert result["outcome"] == [1365, 2048, 3], result
+    assert result["grew_mb"] < 100, result  # decoded at 3000x2000, not the 96 MP (288 MB as RGB) of the file

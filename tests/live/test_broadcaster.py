@@ -177,19 +177,25 @@ def test_slow_viewer_gets_only_latest_frames_and_never_slows_the_producer(broadc
     assert data.count(b'"type":"frame"') < 150
 
 
-def test_malformed_client_messages_are_ignored_and_logged(broadcaster, caplog):
+def test_malformed_client_messages_are_ignored_and_logged_at_most_once_a_second(broadcaster, caplog):
     caplog.set_level(logging.WARNING, logger="live.broadcaster")
     with connect(broadcaster.url) as ws:
         receive(ws)
-        for bad in ["not json", "[1, 2]", '{"no": "type"}', '{"type": 5}', '{"type": "follow", "job": 5}',
-                    '{"type": "launch-missiles"}', b"\xff\xfe\x00binary"]:
+        bad_ones = ["not json", "[1, 2]", '{"no": "type"}', '{"type": 5}', '{"type": "follow", "job": 5}',
+                    b"\xff\xfe\x00binary"] * 50
+        for bad in bad_ones:
             ws.send(bad)
         ws.send('{"type": "ping"}')
         assert receive(ws)["type"] == "pong"  # still connected and answering after all that
+        time.sleep(1.05)
+        ws.send("still not json")
+        ws.send('{"type": "ping"}')
+        assert receive(ws)["type"] == "pong"
         broadcaster.publish_status("job1", "idle", "Animating the face")
         assert receive(ws)["type"] == "status"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert sum("ignored" in w for w in warnings) >= 7
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "malformed" in r.getMessage()]
+    assert len(lines) == 2, lines  # 301 bad messages, two lines: the first, then one a second later with a count
+    assert f"(and {len(bad_ones) - 1} more like it)" in lines[1]
 
 
 def test_two_jobs_at_once_never_mix_frames(broadcaster):
@@ -200,7 +206,7 @@ def test_two_jobs_at_once_never_mix_frames(broadcaster):
             receive(ws)
         follow1.send(json.dumps({"type": "follow", "job": "job1"}))
         follow2.send(json.dumps({"type": "follow", "job": "job2"}))
-        assert receive(follow1) == {"type": "hello", "job": "job1", "protocol": 1, "following": "job"}
+        assert receive(follow1) == {"type": "hello", "job": "job1", "protocol": 2, "following": "job"}
         assert receive(follow2)["job"] == "job2"
 
         broadcaster.publish_status("job1", "idle", "one")
@@ -249,3 +255,97 @@ def test_follow_a_job_that_starts_later_and_back_to_latest(broadcaster):
         ws.send(json.dumps({"type": "follow", "job": None}))
         hello = receive(ws)
         assert hello["following"] == "latest" and hello["job"] == "future"
+
+
+def test_speech_is_queued_in_order_and_a_late_joiner_gets_the_clock_and_the_speech_from_now_on(broadcaster):
+    from live.clock import StreamClock
+
+    clock = StreamClock()
+    broadcaster.open_stream("job1", clock)
+    pcm = np.arange(3200, dtype=np.int16)
+    with connect(broadcaster.url) as early:
+        receive(early)
+        for k in range(20):  # 4 s of speech published at once (a producer sends it ahead): nothing coalesced
+            broadcaster.publish_audio("job1", k * 0.2, pcm)
+        got = receive_until(early, lambda m: m["type"] == "audio" and m["t"] == pytest.approx(3.8))
+        speech = [m for m in got if m["type"] == "audio"]
+        assert [m["t"] for m in speech] == pytest.approx([k * 0.2 for k in range(20)])
+        assert all(m["now"] == pytest.approx(clock.now(), abs=0.5) for m in speech)
+        assert np.array_equal(np.frombuffer(base64.b64decode(speech[3]["pcm"]), "<i2"), pcm)
+    clock.origin -= 1.3  # the stream has been running for 1.3 s more: its speech up to 1.2 s is over
+    with connect(broadcaster.url) as late:
+        assert receive(late)["type"] == "hello"
+        sync = receive(late)
+        assert sync["type"] == "clock" and sync["now"] == pytest.approx(clock.now(), abs=0.2)
+        got = receive_until(late, lambda m: m["type"] == "audio" and m["t"] == pytest.approx(3.8))
+        heard = [m["t"] for m in got if m["type"] == "audio"]
+    assert heard[0] <= sync["now"] < heard[0] + 0.2 + 0.05 and heard == sorted(heard)
+
+
+def test_other_origins_are_refused_with_a_reason_and_the_apps_page_may_watch():
+    from websockets.exceptions import InvalidStatus
+
+    server = Broadcaster(port=0, app_port=7860, allowed_origins={"https://my.site"}).start()
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(server.url, origin="http://evil.example").close()
+        assert refused.value.response.status_code == 403
+        assert b"may not watch" in refused.value.response.body
+        for origin in ("http://127.0.0.1:7860", "https://my.site"):
+            with connect(server.url, origin=origin) as ws:
+                assert receive(ws)["type"] == "hello"
+        with pytest.raises(InvalidStatus):  # the right host on another port is another origin
+            connect(server.url, origin="http://127.0.0.1:9999").close()
+        with connect(server.url) as ws:  # a script (no Origin) on this computer
+            assert receive(ws)["type"] == "hello"
+    finally:
+        server.stop()
+
+
+def test_a_token_is_required_when_set_and_the_viewer_cap_refuses_with_a_message():
+    from websockets.exceptions import InvalidStatus
+
+    server = Broadcaster(port=0, token="s3cret", max_viewers=2).start()
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(server.url).close()
+        assert refused.value.response.status_code == 403 and b"token" in refused.value.response.body
+        with connect(server.url + "?token=s3cret") as first, connect(server.url + "?token=s3cret") as second:
+            receive(first), receive(second)
+            with pytest.raises(InvalidStatus) as full:
+                connect(server.url + "?token=s3cret").close()
+            assert full.value.response.status_code == 503 and b"full" in full.value.response.body
+        assert server.refused == 2
+    finally:
+        server.stop()
+
+
+def handshake_status(port: int, host_header: str, origin: str) -> tuple[int, bytes]:
+    """A browser's WebSocket handshake sent by hand (to set Host as a browser would after a DNS change)."""
+    request = (f"GET / HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               f"Origin: {origin}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            response += chunk
+        with contextlib.suppress(OSError):
+            response += sock.recv(4096)
+    return int(response.split()[1]), response
+
+
+def test_a_site_whose_name_points_at_this_computer_may_not_watch():
+    # DNS rebinding: evil.example resolves to 127.0.0.1, so its page and the dialled host agree -- but an app on
+    # this computer only is reached by the names of this computer.
+    server = Broadcaster(port=0, app_port=7860).start()
+    try:
+        status, body = handshake_status(server.port, f"evil.example:{server.port}", "http://evil.example:7860")
+        assert status == 403 and b"may not watch" in body
+        status, _ = handshake_status(server.port, f"localhost:{server.port}", "http://localhost:7860")
+        assert status == 101
+    finally:
+        server.stop()

@@ -122,85 +122,115 @@ def kinds_in_order(frames) -> list[str]:
     return runs
 
 
-def test_slow_renderer_idle_then_preview_plays_through_then_final_frames_then_done(broadcaster, inputs, tmp_path):
+def played_once_in_order(frames: list[dict], num_frames: int = 50) -> bool:
+    """The clip's frames in order, each at most once (never looped); a busy CPU may skip a few, not more."""
+    indices = [round((f["t"] - frames[0]["t"]) * 25) for f in frames]
+    codes_match = all(f["code"] == i % 40 for f, i in zip(frames, indices))
+    return (codes_match and indices == sorted(set(indices)) and indices[0] == 0 and indices[-1] == num_frames - 1
+            and len(indices) >= 0.9 * num_frames)
+
+
+def audio_of(messages) -> list[dict]:
+    return [m for m in messages if m["type"] == "audio"]
+
+
+def samples_of(message: dict) -> int:
+    return len(base64.b64decode(message["pcm"])) // 2
+
+
+def playbacks(audio: list[dict]) -> list[tuple[float, float, int]]:
+    """(start t, end t, samples) of each run of contiguous speech messages."""
+    runs: list[list] = []
+    for m in audio:
+        end = m["t"] + samples_of(m) / 16000
+        if runs and abs(m["t"] - runs[-1][1]) < 1e-3:
+            runs[-1][1], runs[-1][2] = end, runs[-1][2] + samples_of(m)
+        else:
+            runs.append([m["t"], end, samples_of(m)])
+    return [tuple(run) for run in runs]
+
+
+def test_a_fast_renderer_plays_its_final_frames_once_at_real_time_with_the_speech(broadcaster, inputs, tmp_path):
     viewer = Recorder(broadcaster.url)
-    engine = ScriptedEngine(num_frames=20, final_fps=12, motion_delay_s=0.3)
+    engine = ScriptedEngine(final_fps=300, motion_delay_s=0.05)  # 50 frames for the 2 s of speech
     job = start_job(engine, inputs, broadcaster, tmp_path)
-    done = viewer.wait_for(lambda m: m["type"] in ("done", "error"))
+    viewer.wait_for(lambda m: m["type"] == "status" and m["stage"] == "finished", timeout=15)
     viewer.close()
-    assert done["type"] == "done", done
-    assert done == {**done, "job": job.id, "video_url": f"/outputs/{job.id}/video.mp4", "engine": "lite",
-                    "num_frames": 20}
     frames = viewer.frames()
-    assert all(f["job"] == job.id and f["quality"] == f["kind"] for f in frames)
-    # idle while the motion is computed, then the preview, then the final frames: each phase once, no flicker
+    played = [f for f in frames if f["kind"] != "idle"]
+    assert kinds_in_order(frames)[-1] == "final" and len(kinds_in_order(played)) <= 2  # at most preview -> final
+    assert played_once_in_order(played), [f["code"] for f in played]  # never looped
+    # one clock: frame i sits at t0 + i / 25, and it is sent when its time comes, not sooner
+    t0 = played[0]["t"]
+    assert all(abs((f["t"] - t0) * 25 - round((f["t"] - t0) * 25)) < 0.03 for f in played)  # on the frame grid
+    span = played[-1]["received_at"] - played[0]["received_at"]
+    assert span >= played[-1]["t"] - t0 - 0.02, span
+    assert all(f["now"] >= f["t"] - 1e-3 for f in played)
+    # the speech covers the clip exactly once, in order, in pieces of at most 200 ms, starting with frame 0
+    speech = audio_of(viewer.messages)
+    assert all(m["sample_rate"] == 16000 and m["channels"] == 1 and m["format"] == "s16le" for m in speech)
+    assert all(samples_of(m) <= 3200 for m in speech)
+    assert playbacks(speech) == [(t0, pytest.approx(t0 + 2.0, abs=1e-3), 32000)]
+    # each piece arrives ahead of the frames it belongs to
+    first_frame_at = {round(f["t"], 3): f["received_at"] for f in played}
+    for m in speech:
+        frame_at = first_frame_at.get(round(m["t"], 3))
+        assert frame_at is None or m["received_at"] < frame_at
+    # the mp4 is offered as soon as it is written, before the live playback ends
+    done_at = next(m["received_at"] for m in viewer.messages if m["type"] == "done")
+    assert done_at < played[-1]["received_at"] - 1.0
+    assert job.wait(5) and count_frames(job.snapshot().video_path) == 50
+
+
+def test_a_slow_renderer_plays_the_preview_once_then_renders_silently_then_plays_the_video(broadcaster, inputs,
+                                                                                           tmp_path):
+    viewer = Recorder(broadcaster.url)
+    engine = ScriptedEngine(final_fps=12, motion_delay_s=0.2)  # 50 frames in ~4 s: slower than real time
+    job = start_job(engine, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "status" and m["stage"] == "finished", timeout=30)
+    viewer.close()
+    frames = viewer.frames()
     assert kinds_in_order(frames) == ["idle", "preview", "final"]
     preview = [f for f in frames if f["kind"] == "preview"]
-    final = [f for f in frames if f["kind"] == "final"]
-    # The renderer (12 fps) is slower than the preview (25 fps): the preview plays through its 20 frames first.
-    assert [f["code"] for f in preview[:20]] == list(range(20))
-    assert [f["code"] for f in final] == sorted(f["code"] for f in final) and final[-1]["code"] == 19
-    # the preview is paced in real time: 20 frames take ~0.8 s
-    span = preview[19]["received_at"] - preview[0]["received_at"]
-    assert 0.6 < span < 1.6, span
-    video = job.snapshot().video_path
-    assert video and os.path.isfile(video)
-    assert count_frames(video) == 20
-    assert "Audio: aac" in mp4_streams(video) and "Video: h264" in mp4_streams(video)
+    assert played_once_in_order(preview), [f["code"] for f in preview]  # once, at real time, never looped
+    stages = [m["stage"] for m in viewer.messages if m["type"] == "status"]
+    phases = [s for s in stages if s in ("playing", "rendering", "replay", "finished")]
+    assert phases == ["playing", "rendering", "replay", "finished"], stages
+    # speech twice: with the preview, then with the finished video; silence while it renders
+    speech = playbacks(audio_of(viewer.messages))
+    assert [run[2] for run in speech] == [32000, 32000]
+    assert speech[0][0] == preview[0]["t"]
+    replay_start = speech[1][0]
+    assert replay_start > speech[0][1] + 0.5
+    rendering = [f for f in frames if f["kind"] == "final" and speech[0][1] <= f["t"] < replay_start]
+    replay = [f for f in frames if f["kind"] == "final" and f["t"] >= replay_start - 1e-3]
+    assert rendering and len({f["code"] for f in rendering}) > 3  # the newest final frames as they come
+    assert played_once_in_order(replay) and replay[0]["t"] == replay_start
+    assert job.snapshot().state == "done"
 
 
-def test_preview_loops_until_the_first_final_frame_exists(broadcaster, inputs, tmp_path):
-    viewer = Recorder(broadcaster.url)
-    engine = ScriptedEngine(num_frames=10, final_fps=25, motion_delay_s=0.05, first_frame_delay_s=1.2)
-    start_job(engine, inputs, broadcaster, tmp_path)
-    viewer.wait_for(lambda m: m["type"] == "done")
-    viewer.close()
-    frames = viewer.frames()
-    assert kinds_in_order(frames) == ["idle", "preview", "final"] or kinds_in_order(frames) == ["preview", "final"]
-    codes = [f["code"] for f in frames if f["kind"] == "preview"]
-    wraps = sum(1 for a, b in zip(codes, codes[1:]) if b < a)
-    assert wraps >= 2, codes  # 10 frames (0.4 s) looped for the 1.2 s until the first final frame
-
-
-def test_a_very_slow_renderer_keeps_the_preview_playing_with_its_final_frames_in_place(broadcaster, inputs, tmp_path):
-    viewer = Recorder(broadcaster.url)
-    # SadTalker on a CPU in miniature: seconds per frame (here 1.25 s), far below SLIDESHOW_BELOW_FPS
-    engine = ScriptedEngine(num_frames=10, final_fps=0.8, motion_delay_s=0.05, first_frame_delay_s=1.0)
-    start_job(engine, inputs, broadcaster, tmp_path)
-    viewer.wait_for(lambda m: m["type"] == "done", timeout=40)
-    viewer.close()
-    frames = viewer.frames()
-    shown = [f for f in frames if f["kind"] in ("preview", "final")]
-    # the clip keeps playing in real time: every frame index in order, wrapping around, no still picture
-    codes = [f["code"] for f in shown[:-1]]
-    steps = [(b - a) % 10 for a, b in zip(codes, codes[1:])]
-    assert sum(1 for step in steps if step in (1, 2)) >= 0.9 * len(steps), codes
-    assert len(shown) > 25 * 8, len(shown)  # ~11 s of real-time display
-    # final frames stand where their preview frames were, and more of them with every pass
-    finals = [f["code"] for f in shown if f["kind"] == "final"]
-    assert finals and set(finals) == set(range(10)), finals
-    last_seconds = shown[-60:-1]
-    assert all(f["kind"] == "final" for f in last_seconds if f["code"] < 5)  # rendered by half-time: final now
-    first_final = next(i for i, f in enumerate(shown) if f["kind"] == "final")
-    assert any(f["kind"] == "preview" for f in shown[first_final:])  # ... while later frames still preview
-
-
-def test_fast_renderer_replaces_the_preview_at_once_and_viewers_get_at_most_25_fps(broadcaster, inputs, tmp_path):
-    viewer = Recorder(broadcaster.url)
-    engine = ScriptedEngine(num_frames=150, final_fps=100, motion_delay_s=0.05)
-    job = start_job(engine, inputs, broadcaster, tmp_path)
-    viewer.wait_for(lambda m: m["type"] == "done")
-    viewer.close()
-    frames = viewer.frames()
-    runs = kinds_in_order(frames)
-    assert runs[-2:] == ["preview", "final"] and runs.count("preview") == 1
-    # the engine made (and the mp4 got) every frame; viewers got a 25 fps selection of them
-    assert engine.frames_made == 150 and count_frames(job.snapshot().video_path) == 150
-    final = [f for f in frames if f["kind"] == "final"]
-    span = final[-1]["received_at"] - final[0]["received_at"]
-    assert len(final) < 150
-    assert len(final) <= 25 * span + 3, (len(final), span)
-    assert final[-1]["code"] == decode_code(12 + (149 * 6) % 240)  # the last frame is what stays on screen
+def test_a_viewer_that_joins_mid_way_hears_from_the_current_position(broadcaster, tmp_path):
+    image = tmp_path / "face.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(image)
+    audio = tmp_path / "speech.wav"
+    write_wav(str(audio), (0.3 * np.sin(2 * np.pi * 220 * np.arange(16000 * 4) / 16000)).astype(np.float32))
+    job = start_job(ScriptedEngine(final_fps=300, motion_delay_s=0.05), (str(image), str(audio)), broadcaster, tmp_path)
+    early = Recorder(broadcaster.url)
+    early.wait_for(lambda m: m["type"] == "audio")
+    time.sleep(1.5)
+    late = Recorder(broadcaster.url)
+    joined = job.clock.now()
+    late.wait_for(lambda m: m["type"] == "audio")
+    assert job.wait(10)
+    early.close(), late.close()
+    clock = next(m for m in late.messages if m["type"] == "clock")
+    assert abs(clock["now"] - joined) < 0.2
+    heard = audio_of(late.messages)
+    first = heard[0]
+    assert first["t"] <= clock["now"] < first["t"] + samples_of(first) / 16000 + 0.05  # the piece playing now
+    start, end, samples = playbacks(heard)[0]  # ... and everything after it, contiguous, to the end
+    assert end == pytest.approx(playbacks(audio_of(early.messages))[0][1], abs=1e-3)
+    assert samples < 4 * 16000 - 1.2 * 16000
 
 
 def test_cancel_closes_the_engine_stops_ffmpeg_and_leaves_no_file(broadcaster, inputs, tmp_path):

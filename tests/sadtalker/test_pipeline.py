@@ -247,7 +247,7 @@ def test_headless_render_with_the_sadtalker_engine(checkpoint_dir, tmp_path):
     output = tmp_path / "cli.mp4"
     result = subprocess.run([sys.executable, "app.py", "render", "--image", PORTRAIT, "--audio", audio,
                              "--output", str(output), "--engine", "sadtalker", "--checkpoints", checkpoint_dir,
-                             "--preprocess", "full"],
+                             "--preprocess", "full", "--min-audio-seconds", "0.04"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     count, size, has_audio = probe(str(output))

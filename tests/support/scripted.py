@@ -70,7 +70,7 @@ class ScriptedEngine:
             time.sleep(self.motion_delay_s)
             yield Progress("motion", 1, 1, "Motion computed")
             self.preview = ScriptedPreview(num_frames)
-            yield MotionReady(num_frames, 25.0, self.preview)
+            yield MotionReady(num_frames, 25.0, self.preview, samples)
             writer = None
             if options.output:
                 writer = Mp4Writer(options.output, self.width, self.height, audio_path=audio,

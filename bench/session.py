@@ -1,0 +1,265 @@
+"""Live avatar sessions (Lite engine): latency, lip sync, lateness, concurrency and memory.
+
+    python bench/session.py [--minutes 10] [--max-sessions 8] [--skip-long]
+
+Sessions run in this process with the real broadcaster; viewers are WebSocket clients in another process (like
+browser tabs) that time-stamp every message with the system-wide monotonic clock. Printed:
+
+1. latency: the example speech tiled to 30 s, fed in 200 ms chunks at real time (audio/L16 as the HTTP API takes
+   it); for each chunk, from its arrival to the first frame that shows it reaching a viewer — p50 / p95
+   (target p95 <= 250 ms);
+2. lip sync of the session's recording (recording.mp4, H.264 + AAC): Pearson r between the inner-lip opening the
+   68-point detector finds on the recorded frames and the loudness of the recorded sound in each frame's 40 ms
+   (the measure of bench/lite.py; target >= 0.6), and the lag of best correlation (target 0 +- 1 frame);
+3. lateness over ``--minutes`` of mixed idle and speech (speech 8 s in every 20 s): frames sent more than 40 ms
+   after their time (target 0), and RSS at 1 minute vs at the end (target <= 1.1x);
+4. concurrency: how many 512x512 sessions, each speaking continuously, hold 25 fps with p99 lateness <= 40 ms at a
+   viewer (target >= 4).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lipsync import lip_opening, lip_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
+EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"
+
+
+# ------------------------------------------------------------------------------------------------ viewer process
+def viewer_process(url: str, streams: list[str]) -> None:
+    """Prints one JSON line per frame/audio message: stream, type, t, received (monotonic)."""
+    from websockets.asyncio.client import connect
+
+    async def watch(stream: str):
+        async with connect(url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "follow", "job": stream}))
+            async for raw in ws:
+                received = time.monotonic()
+                message = json.loads(raw)
+                if message.get("type") in ("frame", "audio") and message.get("job") == stream:
+                    print(json.dumps({"s": stream, "k": message["type"], "t": message["t"], "r": received}),
+                          flush=True)
+
+    async def main():
+        await asyncio.gather(*(watch(stream) for stream in streams))
+
+    asyncio.run(main())
+
+
+class Viewers:
+    def __init__(self, url: str, streams: list[str]):
+        self.lines: list[dict] = []
+        self.process = subprocess.Popen([sys.executable, __file__, "_viewer", url, *streams], stdout=subprocess.PIPE,
+                                        text=True, cwd=str(ROOT))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(json.loads(line))
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(5)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def tiled_speech(seconds: float) -> np.ndarray:
+    from core.audio import load_audio
+
+    samples = load_audio(str(EXAMPLE_AUDIO))
+    return np.tile(samples, int(np.ceil(seconds * 16000 / samples.size)))[:int(seconds * 16000)]
+
+
+def l16_chunks(samples: np.ndarray, seconds: float = 0.2) -> list[bytes]:
+    pcm = (np.clip(samples, -1, 1) * 32767).astype(">i2")
+    step = int(16000 * seconds)
+    return [pcm[i:i + step].tobytes() for i in range(0, pcm.size, step)]
+
+
+def feed_real_time(session, chunks: list[bytes], arrivals: list[float] | None = None) -> None:
+    """Chunks at real time through the same decoding the HTTP API uses."""
+    from web.sessions import decode_speech
+
+    start = time.monotonic()
+    for index, chunk in enumerate(chunks):
+        final = index == len(chunks) - 1
+        if arrivals is not None:
+            arrivals.append(time.monotonic())
+        session.speak(decode_speech(chunk, "audio/L16; rate=16000", final), final=final)
+        time.sleep(max(0.0, start + 0.2 * (index + 1) - time.monotonic()))
+
+
+def wait_idle(session, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (session.speech.pending() or session.state == "speaking") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def percentile(values, q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))] if values else float("nan")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------ the figures
+def latency_and_lip_sync(manager, broadcaster, folder: str) -> None:
+    from core.audio import load_audio
+    from core.landmarks import shared_detector
+    from core.video import Mp4Reader
+    from live.session import SessionOptions
+
+    session = manager.create(str(EXAMPLE_IMAGE), SessionOptions(size=512, seed=1))
+    viewers = Viewers(broadcaster.url, [session.id])
+    time.sleep(1.5)
+    arrivals: list[float] = []
+    feed_real_time(session, l16_chunks(tiled_speech(30.0)), arrivals)
+    wait_idle(session)
+    time.sleep(1.0)
+    viewers.close()
+    audio = sorted(m["t"] for m in viewers.lines if m["k"] == "audio")
+    frames = {round(m["t"], 3): m["r"] for m in viewers.lines if m["k"] == "frame"}
+    start_t = audio[0]
+    latencies = []
+    for index, arrived in enumerate(arrivals):
+        shown = frames.get(round(start_t + 0.2 * index, 3))
+        if shown is not None:
+            latencies.append((shown - arrived) * 1000)
+    print(f"1. chunk arrival -> first frame showing it at a viewer: p50 {percentile(latencies, .5):.0f} ms, "
+          f"p95 {percentile(latencies, .95):.0f} ms, max {max(latencies):.0f} ms over {len(latencies)} chunks "
+          f"(target p95 <= 250 ms); underruns {session.stats.underruns}")
+
+    recording = os.path.join(folder, "latency.mp4")
+    session.recording_snapshot(recording)
+    manager.delete(session.id)
+    sound = load_audio(recording, max_seconds=3600)
+    reader = Mp4Reader(recording, max_side=512)
+    detector = shared_detector()
+    openings, levels = [], []
+    index = 0
+    while (rgb := reader.read()) is not None:
+        piece = sound[index * 640:(index + 1) * 640]
+        index += 1
+        value = lip_opening(detector, np.ascontiguousarray(rgb))
+        if value is None or piece.size < 640:
+            continue
+        openings.append(value)
+        levels.append(float(np.sqrt(np.mean(piece.astype(np.float64) ** 2))))
+    reader.close()
+    r, lag = lip_sync(np.array(openings), np.array(levels))
+    print(f"2. lip sync of the recording: r {r:.3f} (target >= 0.6), best lag {lag:+d} frames (target 0 +- 1); "
+          f"{len(openings)} frames measured")
+
+
+def long_run(manager, broadcaster, minutes: float) -> None:
+    from live.session import SessionOptions
+
+    session = manager.create(str(EXAMPLE_IMAGE), SessionOptions(size=512, seed=2))
+    viewers = Viewers(broadcaster.url, [session.id])
+    speech = l16_chunks(tiled_speech(8.0))
+    started = time.monotonic()
+    rss_at_1 = None
+    while time.monotonic() - started < minutes * 60:
+        cycle = time.monotonic()
+        feed_real_time(session, speech)
+        if rss_at_1 is None and time.monotonic() - started >= 60:
+            rss_at_1 = rss_mb()
+        time.sleep(max(0.0, cycle + 20 - time.monotonic()))
+        if rss_at_1 is None and time.monotonic() - started >= 60:
+            rss_at_1 = rss_mb()
+    rss_end = rss_mb()
+    viewers.close()
+    stats = session.stats
+    origin = session.clock.origin
+    late_view = [m for m in viewers.lines if m["k"] == "frame" and m["r"] - (origin + m["t"]) > 0.040]
+    print(f"3. {minutes:g} min of idle and speech: {stats.frames_sent} frames, sent late (> 40 ms) "
+          f"{stats.late_frames}, skipped {stats.skipped_ticks}, reaching the viewer > 40 ms after their time "
+          f"{len(late_view)} (target 0); RSS at 1 min {rss_at_1 or float('nan'):.0f} MB, at the end "
+          f"{rss_end:.0f} MB ({rss_end / (rss_at_1 or rss_end):.2f}x, target <= 1.1x)")
+    manager.delete(session.id)
+
+
+def concurrency(manager, broadcaster, max_sessions: int, seconds: float = 20.0) -> None:
+    from live.session import SessionOptions
+
+    held = 0
+    for count in range(1, max_sessions + 1):
+        sessions = [manager.create(str(EXAMPLE_IMAGE), SessionOptions(size=512, seed=k, record=True))
+                    for k in range(count)]
+        viewers = Viewers(broadcaster.url, [s.id for s in sessions])
+        time.sleep(1.0)
+        chunks = l16_chunks(tiled_speech(seconds))
+        feeders = [threading.Thread(target=feed_real_time, args=(s, chunks)) for s in sessions]
+        first_line = len(viewers.lines)
+        for feeder in feeders:
+            feeder.start()
+        for feeder in feeders:
+            feeder.join()
+        viewers.close()
+        lateness, fps = [], []
+        for s in sessions:
+            mine = [m for m in viewers.lines[first_line:] if m["k"] == "frame" and m["s"] == s.id]
+            lateness += [(m["r"] - (s.clock.origin + m["t"])) * 1000 for m in mine]
+            span = mine[-1]["r"] - mine[0]["r"] if len(mine) > 1 else 1.0
+            fps.append((len(mine) - 1) / span)
+        p99 = percentile(lateness, 0.99)
+        ok = min(fps) >= 24.5 and p99 <= 40
+        print(f"4. {count} concurrent 512x512 sessions speaking: lowest fps {min(fps):.1f}, lateness p99 "
+              f"{p99:.0f} ms -> {'holds' if ok else 'does not hold'}")
+        for s in sessions:
+            manager.delete(s.id)
+        if not ok:
+            break
+        held = count
+    print(f"   {held} concurrent sessions hold 25 fps with p99 lateness <= 40 ms (target >= 4)")
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_viewer":
+        viewer_process(sys.argv[2], sys.argv[3:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--max-sessions", type=int, default=8)
+    parser.add_argument("--skip-long", action="store_true", help="skip the long run (point 3)")
+    args = parser.parse_args()
+    from core.landmarks import shared_detector
+    from live.broadcaster import Broadcaster
+    from live.session import SessionManager
+
+    broadcaster = Broadcaster(port=0).start()
+    with tempfile.TemporaryDirectory() as folder:
+        manager = SessionManager(broadcaster, folder, shared_detector, max_sessions=args.max_sessions + 1)
+        try:
+            latency_and_lip_sync(manager, broadcaster, folder)
+            if not args.skip_long:
+                long_run(manager, broadcaster, args.minutes)
+            concurrency(manager, broadcaster, args.max_sessions)
+        finally:
+            manager.close()
+            broadcaster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""Live avatar sessions: one portrait, always on, speaking whatever speech it is fed, in order, as it arrives.
+
+A session is a live stream on its own clock. A thread ticks at 25 frames per second for as long as the session
+lives. At each tick it
+
+1. schedules speech ahead: frames of the waiting speech (40 ms each) are given the next free ticks, up to
+   ``AHEAD_S`` ahead of now, and their sound goes out at once as ``audio`` messages on the stream's timeline (sent
+   a little ahead of the frames that show it);
+2. asks the motion for this tick's pose — with the cues of the speech frame given to this tick and of the frames
+   after it (a bounded look-ahead), or none: idle, a pause between utterances, or an underrun (speech that did not
+   arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
+3. renders the frame and hands it, with the tick's 640 samples of sound (silence when none), to the session's live
+   stream (the WebSocket viewers, and the encoded outputs: WebRTC, HLS, RTMP) and to its recording.
+
+Speech comes in as chunks (any audio file ffmpeg decodes, raw PCM, text through the offline TTS, the viewer's
+microphone over the WebSocket); a chunk marked final ends an utterance. Nothing grows with the session's age but the
+recording on disk.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from core.errors import InputError
+from core.image import load_image
+from core.options import FPS, SAMPLE_RATE
+from preview.streaming import CUE_WINDOW, LOOKAHEAD_FRAMES, Cue, StreamingMotion, cue_of
+
+from .avsink import SAMPLES_PER_TICK, AvSink, recording_args, snapshot_mp4
+from .broadcaster import Broadcaster
+from .clock import StreamClock
+from .speech import to_pcm16
+from .stream import LiveStream, StreamHub
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0 / FPS
+AHEAD_S = 0.4  # speech is scheduled (and its sound sent) at most this far ahead of the clock
+# Speech that arrives while nothing plays starts this many ticks after now: the cushion that lets the next chunk
+# arrive late by up to ~120 ms (200 ms chunks at real time) without an underrun. Every underrun widens the cushion
+# of that session by a tick, up to MAX_LEAD_TICKS (a jitter buffer that adapts to the feed).
+START_LEAD_TICKS = 4
+MAX_LEAD_TICKS = 10
+PIECE_TICKS = 5  # speech frames per audio message (200 ms)
+LATE_S = 0.040  # a frame sent later than this after its time counts as late
+MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
+
+SessionState = Literal["idle", "speaking", "closed"]
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a client sets when it creates a session (the ``options`` JSON of ``POST /api/sessions``)."""
+
+    engine: Literal["lite"] = "lite"  # the always-on face's renderer
+    size: int = 512  # output frames are size x size (crop) or fit in size x size (full)
+    preprocess: Literal["crop", "full"] = "crop"  # the face crop, or the whole portrait
+    seed: int | None = None  # head motion and blinks
+    use_blink: bool = True
+    record: bool = True  # keep recording.mp4 of everything the session shows and says
+
+    @classmethod
+    def from_json(cls, text: str | dict | None) -> "SessionOptions":
+        if text in (None, ""):
+            return cls()
+        try:
+            values = json.loads(text) if isinstance(text, str) else dict(text)
+        except (ValueError, TypeError):
+            raise InputError("options must be a JSON object, e.g. {\"size\": 512, \"seed\": 1}.") from None
+        if not isinstance(values, dict):
+            raise InputError("options must be a JSON object, e.g. {\"size\": 512, \"seed\": 1}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown session option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        try:
+            options = cls(**values)
+        except TypeError as exc:
+            raise InputError(f"bad session options: {exc}") from None
+        return options.check()
+
+    def check(self) -> "SessionOptions":
+        if self.engine != "lite":
+            raise InputError(f"engine must be 'lite' for live sessions (got {self.engine!r}).")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 128 <= self.size <= 1024:
+            raise InputError(f"size must be a whole number of pixels from 128 to 1024 (got {self.size!r}).")
+        if self.preprocess not in ("crop", "full"):
+            raise InputError(f"preprocess must be 'crop' or 'full' for live sessions (got {self.preprocess!r}).")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be a whole number or null (got {self.seed!r}).")
+        return self
+
+
+@dataclass
+class SessionStats:
+    frames_sent: int = 0
+    late_frames: int = 0  # ticks rendered more than LATE_S after their time
+    skipped_ticks: int = 0  # ticks the thread could not render at all (it fell a whole frame behind)
+    speech_frames: int = 0  # 40 ms frames of speech spoken
+    underruns: int = 0  # times speech ran out mid-utterance
+    utterances: int = 0
+
+
+@dataclass(frozen=True)
+class SpeechFrame:
+    """One 40 ms frame of speech given to a tick, with what the face may look at around it."""
+
+    pcm: np.ndarray  # (640,) int16: the sound of this tick
+    context: np.ndarray  # float32 samples from CONTEXT_BEFORE before the frame's start to as far ahead as arrived
+    ahead: int  # samples of ``context`` after the frame's end (the look-ahead at hand)
+    utterance: int  # a number per utterance (1, 2, ...)
+    index: int  # the frame's index within its utterance
+    last: bool  # the utterance's last frame
+
+
+CONTEXT_BEFORE = (CUE_WINDOW - SAMPLES_PER_TICK) // 2  # 192 samples: a cue's window reaches this far back
+
+
+class _Utterance:
+    """Speech of one utterance as it arrives (16 kHz float32), spoken frame by frame."""
+
+    def __init__(self, number: int, lookahead_frames: int):
+        self.number = number
+        self.lookahead = lookahead_frames  # the face needs this many frames after one before it can show it
+        self.samples = np.zeros(0, np.float32)
+        self.final = False
+        self.next_frame = 0  # the next 40 ms frame to speak
+        self.dropped = 0  # frames of samples dropped from the front (long utterances keep memory flat)
+        self.when_spoken: list = []  # called once its last frame is on screen (e.g. to acknowledge a message)
+
+    def add(self, samples: np.ndarray) -> None:
+        self.samples = np.concatenate([self.samples, samples]) if self.samples.size else samples.copy()
+
+    @property
+    def frames_total(self) -> int:
+        return math.ceil(self.samples.size / SAMPLES_PER_TICK)
+
+    def frames_ready(self) -> int:
+        """Frames that can be spoken now: what the face needs around them has arrived (or the utterance is
+        complete). Look-ahead beyond that, when it has arrived, is handed over too."""
+        if self.final:
+            return self.frames_total - self.next_frame
+        needed = CONTEXT_BEFORE + self.lookahead * SAMPLES_PER_TICK
+        usable = (self.samples.size - needed) // SAMPLES_PER_TICK
+        return max(0, usable - self.next_frame)
+
+    def take(self, max_ahead: int) -> SpeechFrame:
+        """The next frame, with up to ``max_ahead`` samples of look-ahead."""
+        index = self.next_frame
+        self.next_frame += 1
+        start = index * SAMPLES_PER_TICK
+        pcm = np.pad(self.samples[start:start + SAMPLES_PER_TICK], (0, max(0, start + SAMPLES_PER_TICK
+                                                                            - self.samples.size)))
+        lo = start - CONTEXT_BEFORE
+        hi = min(self.samples.size, start + SAMPLES_PER_TICK + max_ahead)
+        context = np.zeros(hi - lo, np.float32) if hi > lo else np.zeros(0, np.float32)
+        if hi > max(lo, 0):
+            context[max(0, -lo):] = self.samples[max(lo, 0):hi]
+        frame = SpeechFrame(pcm=to_pcm16(pcm), context=context,
+                            ahead=max(0, hi - (start + SAMPLES_PER_TICK)), utterance=self.number,
+                            index=index + self.dropped, last=self.final and self.next_frame >= self.frames_total)
+        if index >= 32 * FPS:  # keep memory flat on long utterances: drop what no frame needs any more
+            keep_from = (index - 2) * SAMPLES_PER_TICK
+            self.samples = self.samples[keep_from:]
+            self.next_frame -= index - 2
+            self.dropped += index - 2
+        return frame
+
+
+class SpeechQueue:
+    """Utterances waiting to be spoken, in order; thread-safe (chunks come from HTTP, WebSocket and queue threads)."""
+
+    def __init__(self, lookahead_frames: int = 0, max_ahead_frames: int = LOOKAHEAD_FRAMES):
+        self._lock = threading.Lock()
+        self._utterances: deque[_Utterance] = deque()
+        self._lookahead = lookahead_frames
+        self._max_ahead = max_ahead_frames * SAMPLES_PER_TICK + CONTEXT_BEFORE
+        self._numbers = 0
+
+    def push(self, samples: np.ndarray, final: bool, when_spoken=None) -> None:
+        with self._lock:
+            if self.seconds_queued_locked() + samples.size / SAMPLE_RATE > MAX_QUEUED_SPEECH_S:
+                raise InputError(f"More than {MAX_QUEUED_SPEECH_S:g} s of speech are waiting; "
+                                 "wait until the session has spoken some of it.")
+            if not self._utterances or self._utterances[-1].final:
+                self._numbers += 1
+                self._utterances.append(_Utterance(self._numbers, self._lookahead))
+            current = self._utterances[-1]
+            if samples.size:
+                current.add(np.asarray(samples, dtype=np.float32))
+            current.final = current.final or final
+            if when_spoken is not None:
+                current.when_spoken.append(when_spoken)
+
+    def take(self) -> tuple[SpeechFrame | None, list]:
+        """The next speech frame if one is ready (else None), and the callbacks of utterances that are spoken once
+        it is shown."""
+        finished: list = []
+        with self._lock:
+            while self._utterances:
+                head = self._utterances[0]
+                if head.final and head.next_frame >= head.frames_total:
+                    self._utterances.popleft()  # spoken (an utterance with no sound at all ends here)
+                    finished += head.when_spoken
+                    continue
+                if head.frames_ready() <= 0:
+                    break
+                frame = head.take(self._max_ahead)
+                if frame.last:
+                    self._utterances.popleft()
+                    finished += head.when_spoken
+                return frame, finished
+            return None, finished
+
+    def pending(self) -> bool:
+        """Speech has arrived that is not spoken yet (an utterance is open or frames are waiting)."""
+        with self._lock:
+            return any(not u.final or u.next_frame < u.frames_total for u in self._utterances)
+
+    def seconds_queued(self) -> float:
+        with self._lock:
+            return self.seconds_queued_locked()
+
+    def seconds_queued_locked(self) -> float:
+        return sum(max(0, u.samples.size - u.next_frame * SAMPLES_PER_TICK) for u in self._utterances) / SAMPLE_RATE
+
+
+class LiteFace:
+    """The Lite engine's always-on face: streaming motion rendered by landmark-driven warping."""
+
+    lookahead_frames = 0  # a frame can be shown as soon as its cue's window has arrived; look-ahead is a bonus
+
+    def __init__(self, rgb: np.ndarray, points: np.ndarray, options: SessionOptions):
+        from preview.warp import CropRenderer, FaceWarper
+
+        self.motion = StreamingMotion(seed=options.seed, use_blink=options.use_blink)
+        if options.preprocess == "crop":
+            self.renderer = CropRenderer(rgb, points, options.size)
+        else:
+            height, width = rgb.shape[:2]
+            scale = options.size / max(height, width)
+            size = (max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2))
+            small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+            self.renderer = FaceWarper(small, np.asarray(points) * (size[0] / width))
+        self.renderer.prepare()
+
+    def frame(self, t: float, speech: SpeechFrame | None) -> np.ndarray:
+        return self.renderer.render(self.motion.step(t, _cues(speech)))
+
+    def skip(self, t: float, speech: SpeechFrame | None) -> None:
+        """A tick that is not rendered (the CPU fell behind): the motion still moves on, so nothing jumps."""
+        self.motion.step(t, _cues(speech))
+
+
+def _cues(speech: SpeechFrame | None) -> list[Cue]:
+    """The cue of the frame and of the look-ahead frames whose windows are in its context."""
+    if speech is None:
+        return []
+    cues = []
+    for k in range(LOOKAHEAD_FRAMES + 1):
+        start = k * SAMPLES_PER_TICK
+        window = speech.context[start:start + CUE_WINDOW]
+        if k > 0 and window.size < CUE_WINDOW - CONTEXT_BEFORE:
+            break  # this look-ahead frame has not arrived (or the utterance ends before it)
+        if k > 0 and speech.ahead < k * SAMPLES_PER_TICK:
+            break
+        cues.append(cue_of(np.pad(window, (0, CUE_WINDOW - window.size))))
+    return cues
+
+
+class Session:
+    """One always-on talking face. ``start()`` it; feed it with ``speak``; ``close()`` ends it."""
+
+    def __init__(self, session_id: str, rgb: np.ndarray, points: np.ndarray, options: SessionOptions,
+                 broadcaster: Broadcaster | None, folder: str | None, hub: StreamHub | None = None):
+        self.id = session_id
+        self.options = options
+        self.clock = StreamClock()
+        self.created = time.monotonic()
+        self.last_activity = self.created  # speech fed or a viewer seen
+        self.stats = SessionStats()
+        self.folder = folder
+        self._face = LiteFace(rgb, points, options)
+        self.speech = SpeechQueue(self._face.lookahead_frames)
+        self.rtmp = None  # the RTMP push of this session, if it has one
+        first = self._face.frame(0.0, None)
+        self.height, self.width = first.shape[:2]
+        self._last_rgb = first  # what the outputs repeat for ticks that could not be rendered in time
+        size = (self.width, self.height)
+        self.stream = (hub.open(session_id, self.clock, size, kind="session") if hub is not None
+                       else LiveStream(session_id, self.clock, broadcaster, size, kind="session"))
+        self._broadcaster = broadcaster
+        self._recorder: AvSink | None = None
+        if folder is not None and options.record:
+            os.makedirs(folder, exist_ok=True)
+            self.recording_path = os.path.join(folder, "recording.mp4")
+            self._recorder = AvSink(self.width, self.height, recording_args(self.recording_path),
+                                    name=f"recording-{session_id}")
+        else:
+            self.recording_path = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._scheduled: dict[int, SpeechFrame] = {}  # tick -> the speech frame it shows
+        self._when_shown: dict[int, list] = {}  # tick -> callbacks of utterances whose last frame it shows
+        self._next_speech_tick = 0
+        self._lead_ticks = START_LEAD_TICKS
+        self._speaking = False
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name=f"session-{session_id}", daemon=True)
+
+    # ------------------------------------------------------------------------------------------------ control
+    def start(self) -> "Session":
+        self._status("listening", "Live: waiting for speech")
+        self._thread.start()
+        return self
+
+    def speak(self, samples: np.ndarray, final: bool = False, when_spoken=None) -> None:
+        """Queue speech (16 kHz mono float32); ``final`` ends the utterance. Returns at once; ``when_spoken()`` is
+        called (on the session's thread) once the utterance's last frame has been shown."""
+        if self._stop.is_set():
+            raise InputError("This session has ended.")
+        self.speech.push(samples, final, when_spoken)
+        self.last_activity = time.monotonic()
+        self._wake.set()
+
+    def close(self) -> None:
+        """End the session: the stream stops, the recording is finished."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        if self._recorder is not None:
+            self._recorder.close()
+        self._status("ended", "The session has ended.")
+        self.stream.end()
+
+    @property
+    def state(self) -> SessionState:
+        if self._stop.is_set():
+            return "closed"
+        return "speaking" if self._speaking else "idle"
+
+    @property
+    def alive(self) -> bool:
+        return not self._stop.is_set()
+
+    def recording_snapshot(self, out: str) -> str:
+        """A complete mp4 of everything shown and said so far."""
+        if self._recorder is None or self.recording_path is None:
+            raise InputError("This session keeps no recording (it was created with \"record\": false).")
+        return snapshot_mp4(self.recording_path, out)
+
+    def describe(self) -> dict:
+        return {"session": self.id, "state": self.state, "speech_queued_s": round(self.speech.seconds_queued(), 3),
+                "frames_sent": self.stats.frames_sent, "late_frames": self.stats.late_frames,
+                "skipped_ticks": self.stats.skipped_ticks, "speech_s": round(self.stats.speech_frames / FPS, 2),
+                "utterances": self.stats.utterances, "underruns": self.stats.underruns,
+                "uptime_s": round(time.monotonic() - self.created, 1), "width": self.width, "height": self.height,
+                "rtmp": None if self.rtmp is None else {"url": self.rtmp.url, "connected": self.rtmp.connected,
+                                                         "connects": self.rtmp.connects},
+                "options": {f.name: getattr(self.options, f.name) for f in fields(self.options)}}
+
+    # ------------------------------------------------------------------------------------------------ the ticks
+    def _run(self) -> None:
+        tick = 0
+        try:
+            while not self._stop.is_set():
+                target = self.clock.monotonic(tick * TICK_S)
+                delay = target - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                    if self._stop.is_set():
+                        break
+                behind = int((time.monotonic() - target) / TICK_S)
+                if behind >= 1:  # a whole frame behind (a busy CPU): skip ticks rather than burst to catch up
+                    self._skip(tick, behind)
+                    tick += behind
+                self._tick(tick)
+                tick += 1
+        except Exception:
+            log.exception("session %s: the live stream failed", self.id)
+            self._status("error", "The live stream failed; see the server log.")
+
+    def _tick(self, tick: int) -> None:
+        t = tick * TICK_S
+        self._schedule_speech(tick)
+        speech = self._scheduled.pop(tick, None)
+        speaking = speech is not None
+        if speaking != self._speaking:
+            self._speaking = speaking
+            self._status("speaking" if speaking else "listening",
+                         "Speaking" if speaking else "Live: waiting for speech")
+            if not speaking and self.speech.pending():
+                self.stats.underruns += 1
+                self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
+        rgb = self._face.frame(t, speech)
+        if speaking:
+            self.stats.speech_frames += 1
+        self._send(tick, t, rgb, None if speech is None else speech.pcm, "final" if speaking else "idle")
+        self._spoken_through(tick)
+
+    def _schedule_speech(self, tick: int) -> None:
+        """Give the next free ticks (up to AHEAD_S ahead) to the speech that is ready; send its sound now."""
+        horizon = tick + int(round(AHEAD_S / TICK_S))
+        if self._next_speech_tick < tick:  # nothing was scheduled up to now (idle, pause or underrun)
+            self._next_speech_tick = tick + self._lead_ticks
+        piece: list[np.ndarray] = []
+        piece_start = self._next_speech_tick
+        while self._next_speech_tick <= horizon:
+            speech, spoken = self.speech.take()
+            if spoken:  # acknowledged when the utterance's last frame (given to a tick already) is shown
+                last = self._next_speech_tick - 1 if speech is None else self._next_speech_tick
+                self._when_shown.setdefault(max(tick, last), []).extend(spoken)
+            if speech is None:
+                break
+            if speech.index == 0:
+                self.stats.utterances += 1
+            self._scheduled[self._next_speech_tick] = speech
+            piece.append(speech.pcm)
+            self._next_speech_tick += 1
+            if len(piece) == PIECE_TICKS:
+                self._send_sound(piece_start, piece)
+                piece, piece_start = [], self._next_speech_tick
+        if piece:
+            self._send_sound(piece_start, piece)
+
+    def _spoken_through(self, tick: int) -> None:
+        for due in [k for k in self._when_shown if k <= tick]:
+            for callback in self._when_shown.pop(due):
+                try:
+                    callback()
+                except Exception:
+                    log.exception("session %s: a when-spoken callback failed", self.id)
+
+    def _send_sound(self, first_tick: int, pieces: list[np.ndarray]) -> None:
+        self.stream.sound(first_tick * TICK_S, np.concatenate(pieces))
+
+    def _send(self, tick: int, t: float, rgb: np.ndarray, pcm: np.ndarray | None, quality: str) -> None:
+        self._seq += 1
+        self._last_rgb = rgb
+        self.stream.frame(self._seq, t, quality, rgb=rgb)
+        if self._recorder is not None:
+            self._recorder.write(rgb, pcm)
+        self.stats.frames_sent += 1
+        if self.clock.now() - t > LATE_S:
+            self.stats.late_frames += 1
+        if tick % FPS == 0 and self._broadcaster is not None and self._broadcaster.viewers_of(self.id):
+            self.last_activity = time.monotonic()  # watched: not idle
+
+    def _skip(self, tick: int, count: int) -> None:
+        """Ticks that cannot be rendered in time: the motion steps through them (no jump afterwards), viewers skip
+        them, and the recording gets the last frame again with the ticks' sound (it keeps its timeline)."""
+        self.stats.skipped_ticks += count
+        for skipped in range(tick, tick + count):
+            speech = self._scheduled.pop(skipped, None)
+            self._face.skip(skipped * TICK_S, speech)
+            if speech is not None:
+                self.stats.speech_frames += 1
+            if self._recorder is not None:
+                self._recorder.write(self._last_rgb, None if speech is None else speech.pcm)
+            self._spoken_through(skipped)
+
+    def _status(self, stage: str, message: str) -> None:
+        self.stream.status(stage, message)
+
+
+class SessionManager:
+    """Creates sessions, finds them by id, ends them (on request, when idle too long, at shutdown)."""
+
+    def __init__(self, broadcaster: Broadcaster | None, folder: str, detector_factory, max_sessions: int = 8,
+                 idle_minutes: float = 30.0, reap_every_s: float = 5.0, hub: StreamHub | None = None):
+        self.broadcaster = broadcaster
+        self.hub = hub
+        self.folder = os.path.abspath(folder)
+        self.max_sessions = max_sessions
+        self.idle_s = idle_minutes * 60.0
+        self.reap_every_s = reap_every_s
+        self._detector = detector_factory
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="session-reaper", daemon=True)
+        self._reaper.start()
+
+    def create(self, image: "str | np.ndarray", options: SessionOptions | None = None,
+               rtmp_url: str | None = None) -> Session:
+        """Check the portrait (a clear InputError if unusable) and start an always-on session for it; with
+        ``rtmp_url`` its stream is also pushed there (one continuous FLV stream, reconnecting)."""
+        options = (options or SessionOptions()).check()
+        if rtmp_url is not None:
+            check_rtmp_url(rtmp_url)
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise SessionLimitError(f"The server already runs {self.max_sessions} live sessions (the limit, "
+                                        "--max-sessions); end one (DELETE /api/sessions/<id>) or try later.")
+        rgb = load_image(image)
+        face = self._detector().detect(rgb)
+        session_id = secrets.token_urlsafe(16)
+        session = Session(session_id, rgb, face.points, options, self.broadcaster,
+                          os.path.join(self.folder, session_id), self.hub)
+        with self._lock:
+            self._sessions[session_id] = session
+        session.start()
+        if rtmp_url:
+            from .outputs import RtmpOutput
+
+            session.rtmp = RtmpOutput(session.stream, rtmp_url)
+            session.stream.attach(session.rtmp)
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def delete(self, session_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.close()
+        if self.hub is not None:
+            self.hub.close(session_id)
+        if session.folder:
+            shutil.rmtree(session.folder, ignore_errors=True)
+        return True
+
+    def all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        for session in self.all():
+            self.delete(session.id)
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self.reap_every_s):
+            now = time.monotonic()
+            for session in self.all():
+                if now - session.last_activity > self.idle_s and not session.speech.pending():
+                    log.info("session %s ended: no speech and no viewer for %.0f min", session.id, self.idle_s / 60)
+                    self.delete(session.id)
+
+
+class SessionLimitError(InputError):
+    """Too many sessions at once."""
+
+
+def check_rtmp_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("rtmp", "rtmps") or not parts.hostname:
+        raise InputError(f"rtmp_url must be an rtmp:// or rtmps:// address with a host (got {url!r}).")
+    return url
