@@ -92,7 +92,9 @@ def test_viewer_draws_live_frames_while_the_page_generates_and_stop_cancels(runn
     # Picture and speech on one clock: the typical frame is drawn within half a frame of its sound (a systematic
     # offset would show here). How far the worst 5 % stray depends on how busy the CPU is: bench/av_sync.py says.
     assert skews[len(skews) // 2] <= 20, skews[len(skews) // 2]
-    assert final["qualities"].get("final", 0) > 100  # the Lite engine keeps up: the clip played in full quality
+    # The Lite engine keeps up: the clip played in full quality (a busy CPU drops some frames, never the quality).
+    qualities = final["qualities"]
+    assert qualities.get("final", 0) >= 60 and qualities.get("final", 0) >= 4 * qualities.get("preview", 0), qualities
     assert final["lastQuality"] == "final"
     pixels = canvas_pixels(viewer)
     assert pixels["std"] > 10 and pixels["width"] > 128, pixels  # the full-size final frame is on the canvas
