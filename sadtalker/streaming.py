@@ -14,8 +14,9 @@ ahead of the ticks that show it, with the networks batched over the frames at ha
 * PoseVAE: its decoder sees 32 frames of audio at once, so it cannot be causal. A window runs every POSE_HOP frames
   over the last 32 frames heard (left-padded at the start of the utterance by repeating the first frame, as file
   mode pads a short clip); consecutive windows overlap by 32 - POSE_HOP frames, and each frame's motion is the
-  cross-fade of the two windows that cover it, so nothing jumps where one window hands over to the next. The head
-  moves as PoseVAE moved it POSE_DELAY frames (0.6 s) earlier; one latent sample per 32 frames, as in file mode.
+  cross-fade of the two windows that cover it, so nothing jumps where one window hands over to the next; then file
+  mode's smoothing (Savitzky-Golay, 13 frames). The head moves as PoseVAE moved it POSE_DELAY frames (0.84 s)
+  earlier; one latent sample per 32 frames, as in file mode.
 * MappingNet: 27-frame windows of coefficients centred on the frame, the frames not known yet repeating the newest
   one known when the frame's chunk is computed (file mode's rule at the end of a clip) -> head pose (degrees),
   translation, per-keypoint expression offsets: the frame's motion vector (MOTION_SIZE numbers). One pass over a
@@ -43,10 +44,11 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
+from scipy.signal import savgol_coeffs
 
 from core.options import FPS
 
-from .coefficients import BLINK_SHAPE, POSE_SLICE
+from .coefficients import BLINK_SHAPE, POSE_SLICE, SMOOTHING_ORDER, SMOOTHING_WINDOW
 from .facerender import SEMANTIC_RADIUS, FaceRenderer, driving_coefficients, frame_to_uint8, prepare_render_inputs
 from .keypoint_preview import KeypointPreview
 from .keypoints import degrees_from_bins, pose_keypoints
@@ -59,7 +61,10 @@ from .preprocess import crop_portrait
 log = logging.getLogger(__name__)
 
 POSE_HOP = 8  # a PoseVAE window every 8 frames (its decoder costs ~15 ms on a CPU core)
-POSE_DELAY = 2 * POSE_HOP - 1  # frames: a frame's two windows have heard the audio up to the frame shown
+# the head plays PoseVAE's motion this many frames late: the two windows of a frame, and those of the 6 frames after
+# it that file mode's Savitzky-Golay smoothing (13 frames, order 2) takes in, have heard the audio up to the frame shown
+POSE_DELAY = 2 * POSE_HOP - 1 + SMOOTHING_WINDOW // 2
+_SMOOTHING = savgol_coeffs(SMOOTHING_WINDOW, SMOOTHING_ORDER, use="dot").astype(np.float32)  # (13,) centre weights
 NUM_KP = 15
 MOTION_SIZE = 3 + 3 + 3 * NUM_KP  # yaw, pitch, roll (degrees) | translation (3) | expression offsets (15 x 3)
 BLINK_GAPS = (10, 70)  # frames between blinks: the official random.choice(range(10, 70)) of a long clip
@@ -179,7 +184,7 @@ class SpeechMotion:
         self._embeddings = np.concatenate([self._embeddings, embeddings])
         last = first + n - 1
         self._run_pose_windows(last)
-        pose = np.stack([self._pose_motion(f - POSE_DELAY) for f in range(first, last + 1)])  # (n, 6)
+        pose = np.stack([self._smoothed_pose(f - POSE_DELAY) for f in range(first, last + 1)])  # (n, 6)
         generated = np.concatenate([exp, self.source[None, POSE_SLICE] + pose], axis=1)  # (n, 70)
         self.coefficients = generated
         self._driving = np.concatenate([self._driving, driving_coefficients(generated, self.source, self.preprocess)])
@@ -220,6 +225,11 @@ class SpeechMotion:
             self._windows[j] = window
         self._next_window = stop
 
+    def _smoothed_pose(self, a: int) -> np.ndarray:
+        """(6,) pose motion of audio frame ``a``, smoothed over time as file mode smooths it."""
+        radius = SMOOTHING_WINDOW // 2
+        return _SMOOTHING @ np.stack([self._pose_motion(a + k) for k in range(-radius, radius + 1)])
+
     def _pose_motion(self, a: int) -> np.ndarray:
         """(6,) motion of audio frame ``a``: the cross-fade of windows j and j+1 over a in ((j-1)H, jH]; before the
         utterance (and the first window's fade-in) the source's own pose (0)."""
@@ -240,7 +250,7 @@ class SpeechMotion:
         if keep > self._embedding_first:
             self._embeddings = self._embeddings[keep - self._embedding_first:]
             self._embedding_first = keep
-        first_needed = -(-(self.frames_done - POSE_DELAY) // POSE_HOP)
+        first_needed = -(-(self.frames_done - POSE_DELAY - SMOOTHING_WINDOW // 2) // POSE_HOP)
         self._windows = {j: w for j, w in self._windows.items() if j >= first_needed}
         keep = max(0, self.frames_done - SEMANTIC_RADIUS)
         if keep > self._driving_first:
