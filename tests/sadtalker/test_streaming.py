@@ -76,6 +76,16 @@ from sadtalker.synthetic import cached_official_layout  # noqa: E402
 from support.paths import EXAMPLE_AUDIO, EXAMPLE_IMAGE  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """As the face's motion worker runs (small batches: one core is faster than two waiting on each other, above
+    all on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipeline():
     directory = cached_official_layout(legacy=False)  # synthetic weights in the official files' layout
@@ -126,7 +136,7 @@ def test_streamed_expression_is_file_modes_expnet(pipeline):
 def test_pose_windows_hand_over_without_a_jump(pipeline):
     """PoseVAE windows (one every POSE_HOP frames) cross-fade: the pose changes no more at a hand-over than between
     any two frames, while the windows themselves disagree by far more (a switch would jump)."""
-    wav = speech_like(8.0, seed=4)
+    wav = speech_like(6.0, seed=4)
     motion = speech_motion(pipeline, rng_seed=1)
     disagreement = []
     original = motion._run_pose_windows
@@ -143,7 +153,7 @@ def test_pose_windows_hand_over_without_a_jump(pipeline):
     pose = coefficients[:, 64:70]
     steps = np.abs(np.diff(pose, axis=0)).max(axis=1)  # step[f] = pose[f + 1] - pose[f]
     handover = [f for f in range(POSE_DELAY, len(steps)) if (f - POSE_DELAY) % POSE_HOP == 0]
-    assert len(handover) >= 15
+    assert len(handover) >= 12
     typical = np.percentile(steps[POSE_DELAY:], 95)
     assert steps[handover].max() <= 1.5 * typical, (steps[handover].max(), typical)
     assert np.median(disagreement) > 3 * typical  # without the cross-fade, every hand-over would be a jump
