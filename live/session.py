@@ -247,12 +247,12 @@ class LiteFace:
     A session's face (this, or ``sadtalker.streaming.SadTalkerFace``) has ``frame(t, speech)`` once per tick and
     ``skip(t, speech)`` for a tick that is not rendered, ``scheduled(speech)`` when a speech frame gets its tick,
     ``lookahead_frames`` (speech frames that must have arrived after one before it is spoken), ``context_frames``
-    (how far ahead a frame's context reaches at most), ``renderer`` / ``renderer_note`` and ``close()``.
+    (how far ahead a frame's context reaches at most), ``renderer_name`` / ``renderer_note`` and ``close()``.
     """
 
     lookahead_frames = 0  # a frame can be shown as soon as its cue's window has arrived; look-ahead is a bonus
     context_frames = LOOKAHEAD_FRAMES
-    renderer = "lite"
+    renderer_name = "lite"
     renderer_note = "landmark-driven warping"
 
     def __init__(self, rgb: np.ndarray, points: np.ndarray, options: SessionOptions):
@@ -390,7 +390,7 @@ class Session:
                 "skipped_ticks": self.stats.skipped_ticks, "speech_s": round(self.stats.speech_frames / FPS, 2),
                 "utterances": self.stats.utterances, "underruns": self.stats.underruns,
                 "uptime_s": round(time.monotonic() - self.created, 1), "width": self.width, "height": self.height,
-                "renderer": self._face.renderer, "renderer_note": self._face.renderer_note,
+                "renderer": self._face.renderer_name, "renderer_note": self._face.renderer_note,
                 "rtmp": None if self.rtmp is None else {"url": self.rtmp.url, "connected": self.rtmp.connected,
                                                          "connects": self.rtmp.connects},
                 "options": {f.name: getattr(self.options, f.name) for f in fields(self.options)}}

@@ -416,7 +416,7 @@ class SadTalkerFace:
         self._preview = KeypointPreview(crop_portrait(rgb, points, preprocess, self._output.crop_side).image,
                                         kp_source, size=self._output.crop_side)
         self._full_source = None
-        self.renderer, self.renderer_note = self._choose_renderer(renderer, inputs)
+        self.renderer_name, self.renderer_note = self._choose_renderer(renderer, inputs)
         self._worker = _MotionWorker(make_motion)
         self._tick = 0
         self._weight = 0.0  # speech weight before the smoothstep

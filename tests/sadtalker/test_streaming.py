@@ -190,7 +190,7 @@ def test_a_face_goes_idle_speech_underrun_speech_idle_without_a_jump(pipeline):
     points = pipeline.detector.detect(rgb).points
     face = SadTalkerFace(pipeline, rgb, points, size=128, seed=3)
     try:
-        assert face.renderer == "keypoint-preview" and "CPU" in face.renderer_note
+        assert face.renderer_name == "keypoint-preview" and "CPU" in face.renderer_note
         wav = load_audio(str(EXAMPLE_AUDIO))
         half = wav.size // 2
         keypoints, speaking = face_ticks(face, [("idle", 30), ("speech", wav[:half], False), ("idle", 90),
