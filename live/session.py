@@ -111,6 +111,7 @@ class SessionStats:
     speech_frames: int = 0  # 40 ms frames of speech spoken
     underruns: int = 0  # times speech ran out mid-utterance
     utterances: int = 0
+    render_s: float = 0.0  # time the face took to make the frames sent (its step: motion at the tick + render)
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,7 @@ class Session:
                 "utterances": self.stats.utterances, "underruns": self.stats.underruns,
                 "uptime_s": round(time.monotonic() - self.created, 1), "width": self.width, "height": self.height,
                 "renderer": self._face.renderer_name, "renderer_note": self._face.renderer_note,
+                "step_ms": round(1000 * self.stats.render_s / max(1, self.stats.frames_sent), 2),
                 "rtmp": None if self.rtmp is None else {"url": self.rtmp.url, "connected": self.rtmp.connected,
                                                          "connects": self.rtmp.connects},
                 "options": {f.name: getattr(self.options, f.name) for f in fields(self.options)}}
@@ -428,7 +430,9 @@ class Session:
             if not speaking and self.speech.pending():
                 self.stats.underruns += 1
                 self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
+        started = time.perf_counter()
         rgb = self._face.frame(t, speech)
+        self.stats.render_s += time.perf_counter() - started
         if speaking:
             self.stats.speech_frames += 1
         self._send(tick, t, rgb, None if speech is None else speech.pcm, "final" if speaking else "idle")
