@@ -552,9 +552,12 @@ class _Output:
         self._patch_size = (max(1, box[2] - box[0]), max(1, box[3] - box[1]))
         self.crop_side = max(16, max(self._patch_size))
         w, h = self._patch_size
-        ramp = lambda n: np.clip(np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5) / max(1.0, self.FEATHER * n),
-                                 0, 1)  # noqa: E731
-        self._alpha = (np.outer(ramp(h), ramp(w)) ** 1.0)[..., None].astype(np.float32)  # (h, w, 1)
+        self._alpha = np.outer(self._ramp(h), self._ramp(w))[..., None].astype(np.float32)  # (h, w, 1)
+
+    def _ramp(self, n: int) -> np.ndarray:
+        """(n,) 0 at the edges rising to 1 over FEATHER of n."""
+        distance = np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5)
+        return np.clip(distance / max(1.0, self.FEATHER * n), 0.0, 1.0)
 
     def compose(self, face: np.ndarray) -> np.ndarray:
         if self.preprocess != "full":

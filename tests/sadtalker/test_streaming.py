@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from core.audio import load_audio
+from core.image import load_image
+from core.landmarks import shared_detector
+from live.session import SpeechQueue
 from sadtalker import mel
+from sadtalker.pipeline import SadTalkerPipeline
+from sadtalker.streaming import POSE_DELAY, POSE_HOP, RELEASE_TICKS, SadTalkerFace, SpeechMotion, keypoints_of
+from sadtalker.synthetic import cached_official_layout
+from support.paths import EXAMPLE_AUDIO, EXAMPLE_IMAGE
+
+SEQ_OVERLAP = 32 - POSE_HOP  # frames two consecutive PoseVAE windows share
 
 
 def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
@@ -63,17 +74,6 @@ def test_the_window_look_ahead_is_what_the_rows_need():
 
 
 # ------------------------------------------------------------------------------------------------ the motion networks
-import torch  # noqa: E402
-
-from core.audio import load_audio  # noqa: E402
-from core.landmarks import shared_detector  # noqa: E402
-from core.image import load_image  # noqa: E402
-from live.session import SpeechQueue  # noqa: E402
-from sadtalker.pipeline import SadTalkerPipeline  # noqa: E402
-from sadtalker.streaming import (POSE_DELAY, POSE_HOP, RELEASE_TICKS, SadTalkerFace, SpeechMotion,  # noqa: E402
-                                 keypoints_of)
-from sadtalker.synthetic import cached_official_layout  # noqa: E402
-from support.paths import EXAMPLE_AUDIO, EXAMPLE_IMAGE  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -158,9 +158,6 @@ def test_pose_windows_hand_over_without_a_jump(pipeline):
     assert steps[handover].max() <= 1.5 * typical, (steps[handover].max(), typical)
     assert np.median(disagreement) > 3 * typical  # without the cross-fade, every hand-over would be a jump
     assert np.abs(pose[:POSE_DELAY - POSE_HOP - 6 + 1] - motion.source[64:70]).max() == 0  # starts at the photo's pose
-
-
-SEQ_OVERLAP = 32 - POSE_HOP
 
 
 def face_ticks(face: SadTalkerFace, plan: list) -> tuple[list[np.ndarray], list[bool]]:
