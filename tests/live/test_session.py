@@ -272,7 +272,8 @@ def test_a_sadtalker_session_speaks_with_sadtalkers_own_motion(tmp_path):
                    and server.http.get(f"/api/sessions/{session}").json()["state"] == "idle", 20, "spoken")
         state = server.http.get(f"/api/sessions/{session}").json()
         assert state["utterances"] == 1 and state["speech_s"] == pytest.approx(3.0, abs=0.05)
-        assert state["frames_sent"] >= state["uptime_s"] * 25 * 0.9
+        # every tick of the timeline is sent or, on a starved shared CPU, skipped (the motion still steps through it)
+        assert state["frames_sent"] + state["skipped_ticks"] >= state["uptime_s"] * 25 * 0.9
         viewer.close()
         qualities = [f["quality"] for f in viewer.of("frame")]
         assert qualities.count("final") >= 70 and qualities[-1] == "idle"
