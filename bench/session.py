@@ -1,6 +1,7 @@
-"""Live avatar sessions (Lite engine): latency, lip sync, lateness, concurrency and memory.
+"""Live avatar sessions: latency, lip sync, lateness, concurrency and memory (Lite engine, or SadTalker's).
 
     python bench/session.py [--minutes 10] [--max-sessions 8] [--skip-long]
+    python bench/session.py --engine sadtalker [--checkpoints DIR] [--seconds 30] --skip-long --max-sessions 0
 
 Sessions run in this process with the real broadcaster; viewers are WebSocket clients in another process (like
 browser tabs) that time-stamp every message with the system-wide monotonic clock. Printed:
@@ -15,6 +16,12 @@ browser tabs) that time-stamp every message with the system-wide monotonic clock
    after their time (target 0), and RSS at 1 minute vs at the end (target <= 1.1x);
 4. concurrency: how many 512x512 sessions, each speaking continuously, hold 25 fps with p99 lateness <= 40 ms at a
    viewer (target >= 4).
+
+With ``--engine sadtalker`` the sessions run SadTalker's own streaming motion (``sadtalker/streaming.py``); point 1
+also prints which renderer ran (keypoint preview, or the full renderer where it keeps up: a GPU), the face's step
+time per frame at the tick and the motion worker's time per speech frame. Without official weights in
+``--checkpoints`` it runs on synthetic weights in the official layout: the speed is the real networks', the lip
+sync means nothing (not printed).
 """
 from __future__ import annotations
 
@@ -123,17 +130,22 @@ def rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the figures
-def latency_and_lip_sync(manager, broadcaster, folder: str) -> None:
+def latency_and_lip_sync(manager, broadcaster, folder: str, engine: str = "lite", seconds: float = 30.0,
+                         lip_sync_means_something: bool = True) -> None:
     from core.audio import load_audio
     from core.landmarks import shared_detector
     from core.video import Mp4Reader
     from live.session import SessionOptions
 
-    session = manager.create(str(EXAMPLE_IMAGE), SessionOptions(size=512, seed=1))
+    started = time.monotonic()
+    session = manager.create(str(EXAMPLE_IMAGE), SessionOptions(engine=engine, size=512, seed=1))
+    print(f"   {engine} session created in {time.monotonic() - started:.1f} s; renderer: "
+          f"{session.describe()['renderer']} ({session.describe()['renderer_note']})", flush=True)
     viewers = Viewers(broadcaster.url, [session.id])
     time.sleep(1.5)
     arrivals: list[float] = []
-    feed_real_time(session, l16_chunks(tiled_speech(30.0)), arrivals)
+    before = (session.stats.frames_sent, session.stats.late_frames, session.stats.skipped_ticks)
+    feed_real_time(session, l16_chunks(tiled_speech(seconds)), arrivals)
     wait_idle(session)
     time.sleep(1.0)
     viewers.close()
@@ -147,7 +159,23 @@ def latency_and_lip_sync(manager, broadcaster, folder: str) -> None:
             latencies.append((shown - arrived) * 1000)
     print(f"1. chunk arrival -> first frame showing it at a viewer: p50 {percentile(latencies, .5):.0f} ms, "
           f"p95 {percentile(latencies, .95):.0f} ms, max {max(latencies):.0f} ms over {len(latencies)} chunks "
-          f"(target p95 <= 250 ms); underruns {session.stats.underruns}")
+          f"(target p95 <= 250 ms, Lite); underruns {session.stats.underruns}")
+    stats = session.stats
+    state = session.describe()
+    print(f"   {seconds:g} s of speech at real time: {stats.frames_sent - before[0]} frames sent, late (> 40 ms) "
+          f"{stats.late_frames - before[1]}, skipped ticks {stats.skipped_ticks - before[2]}; renderer "
+          f"{state['renderer']}; face step at the tick {state['step_ms']:.1f} ms a frame on average (all ticks)",
+          flush=True)
+    face = session._face  # the bench looks inside: the motion worker's own time
+    if getattr(face, "motion_frames", 0):
+        print(f"   SadTalker speech motion (worker thread, ExpNet + PoseVAE + MappingNet on chunks): "
+              f"{1000 * face.motion_busy_s / face.motion_frames:.1f} ms a speech frame over {face.motion_frames} "
+              f"frames; step + motion {state['step_ms'] + 1000 * face.motion_busy_s / face.motion_frames:.1f} ms "
+              f"(real time: 40 ms)", flush=True)
+    if not lip_sync_means_something:
+        manager.delete(session.id)
+        print("2. lip sync: not measured (synthetic weights)")
+        return
 
     recording = os.path.join(folder, "latency.mp4")
     session.recording_snapshot(recording)
@@ -171,10 +199,10 @@ def latency_and_lip_sync(manager, broadcaster, folder: str) -> None:
           f"{len(openings)} frames measured")
 
 
-def long_run(manager, broadcaster, minutes: float) -> None:
+def long_run(manager, broadcaster, minutes: float, engine: str = "lite") -> None:
     from live.session import SessionOptions
 
-    session = manager.create(str(EXAMPLE_IMAGE), SessionOptions(size=512, seed=2))
+    session = manager.create(str(EXAMPLE_IMAGE), SessionOptions(engine=engine, size=512, seed=2))
     viewers = Viewers(broadcaster.url, [session.id])
     speech = l16_chunks(tiled_speech(8.0))
     started = time.monotonic()
@@ -199,12 +227,12 @@ def long_run(manager, broadcaster, minutes: float) -> None:
     manager.delete(session.id)
 
 
-def concurrency(manager, broadcaster, max_sessions: int, seconds: float = 20.0) -> None:
+def concurrency(manager, broadcaster, max_sessions: int, seconds: float = 20.0, engine: str = "lite") -> None:
     from live.session import SessionOptions
 
     held = 0
     for count in range(1, max_sessions + 1):
-        sessions = [manager.create(str(EXAMPLE_IMAGE), SessionOptions(size=512, seed=k, record=True))
+        sessions = [manager.create(str(EXAMPLE_IMAGE), SessionOptions(engine=engine, size=512, seed=k, record=True))
                     for k in range(count)]
         viewers = Viewers(broadcaster.url, [s.id for s in sessions])
         time.sleep(1.0)
@@ -242,19 +270,33 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--max-sessions", type=int, default=8)
     parser.add_argument("--skip-long", action="store_true", help="skip the long run (point 3)")
+    parser.add_argument("--engine", choices=("lite", "sadtalker"), default="lite")
+    parser.add_argument("--checkpoints", default=str(ROOT / "checkpoints"),
+                        help="SadTalker weights (without them: synthetic weights in the official layout)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--seconds", type=float, default=30.0, help="speech fed for point 1")
     args = parser.parse_args()
     from core.landmarks import shared_detector
     from live.broadcaster import Broadcaster
     from live.session import SessionManager
+    from sadtalker.checkpoints import installed_sizes
 
+    checkpoints, real_weights = args.checkpoints, True
+    if args.engine == "sadtalker" and not installed_sizes(checkpoints):
+        from sadtalker.synthetic import cached_official_layout
+
+        checkpoints, real_weights = cached_official_layout(legacy=False), False
+        print(f"No SadTalker weights in {args.checkpoints}: synthetic weights in the official layout ({checkpoints})")
     broadcaster = Broadcaster(port=0).start()
     with tempfile.TemporaryDirectory() as folder:
-        manager = SessionManager(broadcaster, folder, shared_detector, max_sessions=args.max_sessions + 1)
+        manager = SessionManager(broadcaster, folder, shared_detector, max_sessions=args.max_sessions + 1,
+                                 checkpoint_dir=checkpoints, device=args.device)
         try:
-            latency_and_lip_sync(manager, broadcaster, folder)
+            latency_and_lip_sync(manager, broadcaster, folder, args.engine, args.seconds, real_weights)
             if not args.skip_long:
-                long_run(manager, broadcaster, args.minutes)
-            concurrency(manager, broadcaster, args.max_sessions)
+                long_run(manager, broadcaster, args.minutes, args.engine)
+            if args.max_sessions > 0:
+                concurrency(manager, broadcaster, args.max_sessions, engine=args.engine)
         finally:
             manager.close()
             broadcaster.stop()

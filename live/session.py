@@ -64,7 +64,7 @@ SessionState = Literal["idle", "speaking", "closed"]
 class SessionOptions:
     """What a client sets when it creates a session (the ``options`` JSON of ``POST /api/sessions``)."""
 
-    engine: Literal["lite"] = "lite"  # the always-on face's renderer
+    engine: Literal["lite", "sadtalker"] = "lite"  # lite: weight-free warping; sadtalker: SadTalker's own motion
     size: int = 512  # output frames are size x size (crop) or fit in size x size (full)
     preprocess: Literal["crop", "full"] = "crop"  # the face crop, or the whole portrait
     seed: int | None = None  # head motion and blinks
@@ -92,8 +92,8 @@ class SessionOptions:
         return options.check()
 
     def check(self) -> "SessionOptions":
-        if self.engine != "lite":
-            raise InputError(f"engine must be 'lite' for live sessions (got {self.engine!r}).")
+        if self.engine not in ("lite", "sadtalker"):
+            raise InputError(f"engine must be 'lite' or 'sadtalker' for live sessions (got {self.engine!r}).")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or not 128 <= self.size <= 1024:
             raise InputError(f"size must be a whole number of pixels from 128 to 1024 (got {self.size!r}).")
         if self.preprocess not in ("crop", "full"):
@@ -111,6 +111,7 @@ class SessionStats:
     speech_frames: int = 0  # 40 ms frames of speech spoken
     underruns: int = 0  # times speech ran out mid-utterance
     utterances: int = 0
+    render_s: float = 0.0  # time the face took to make the frames sent (its step: motion at the tick + render)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ class SpeechFrame:
     utterance: int  # a number per utterance (1, 2, ...)
     index: int  # the frame's index within its utterance
     last: bool  # the utterance's last frame
+    context_start: int = 0  # the utterance's sample where ``context`` starts (negative: zeros before it)
+    complete: bool = False  # ``context`` reaches the end of the utterance (no more of it will come)
 
 
 CONTEXT_BEFORE = (CUE_WINDOW - SAMPLES_PER_TICK) // 2  # 192 samples: a cue's window reaches this far back
@@ -170,7 +173,9 @@ class _Utterance:
             context[max(0, -lo):] = self.samples[max(lo, 0):hi]
         frame = SpeechFrame(pcm=to_pcm16(pcm), context=context,
                             ahead=max(0, hi - (start + SAMPLES_PER_TICK)), utterance=self.number,
-                            index=index + self.dropped, last=self.final and self.next_frame >= self.frames_total)
+                            index=index + self.dropped, last=self.final and self.next_frame >= self.frames_total,
+                            context_start=lo + self.dropped * SAMPLES_PER_TICK,
+                            complete=self.final and hi >= self.samples.size)
         if index >= 32 * FPS:  # keep memory flat on long utterances: drop what no frame needs any more
             keep_from = (index - 2) * SAMPLES_PER_TICK
             self.samples = self.samples[keep_from:]
@@ -238,9 +243,18 @@ class SpeechQueue:
 
 
 class LiteFace:
-    """The Lite engine's always-on face: streaming motion rendered by landmark-driven warping."""
+    """The Lite engine's always-on face: streaming motion rendered by landmark-driven warping.
+
+    A session's face (this, or ``sadtalker.streaming.SadTalkerFace``) has ``frame(t, speech)`` once per tick and
+    ``skip(t, speech)`` for a tick that is not rendered, ``scheduled(speech)`` when a speech frame gets its tick,
+    ``lookahead_frames`` (speech frames that must have arrived after one before it is spoken), ``context_frames``
+    (how far ahead a frame's context reaches at most), ``renderer_name`` / ``renderer_note`` and ``close()``.
+    """
 
     lookahead_frames = 0  # a frame can be shown as soon as its cue's window has arrived; look-ahead is a bonus
+    context_frames = LOOKAHEAD_FRAMES
+    renderer_name = "lite"
+    renderer_note = "landmark-driven warping"
 
     def __init__(self, rgb: np.ndarray, points: np.ndarray, options: SessionOptions):
         from preview.warp import CropRenderer, FaceWarper
@@ -263,6 +277,12 @@ class LiteFace:
         """A tick that is not rendered (the CPU fell behind): the motion still moves on, so nothing jumps."""
         self.motion.step(t, _cues(speech))
 
+    def scheduled(self, speech: SpeechFrame) -> None:
+        """Nothing to prepare: a Lite frame's motion costs a fraction of a millisecond at its tick."""
+
+    def close(self) -> None:
+        pass
+
 
 def _cues(speech: SpeechFrame | None) -> list[Cue]:
     """The cue of the frame and of the look-ahead frames whose windows are in its context."""
@@ -283,8 +303,8 @@ def _cues(speech: SpeechFrame | None) -> list[Cue]:
 class Session:
     """One always-on talking face. ``start()`` it; feed it with ``speak``; ``close()`` ends it."""
 
-    def __init__(self, session_id: str, rgb: np.ndarray, points: np.ndarray, options: SessionOptions,
-                 broadcaster: Broadcaster | None, folder: str | None, hub: StreamHub | None = None):
+    def __init__(self, session_id: str, face, options: SessionOptions, broadcaster: Broadcaster | None,
+                 folder: str | None, hub: StreamHub | None = None):
         self.id = session_id
         self.options = options
         self.clock = StreamClock()
@@ -292,8 +312,8 @@ class Session:
         self.last_activity = self.created  # speech fed or a viewer seen
         self.stats = SessionStats()
         self.folder = folder
-        self._face = LiteFace(rgb, points, options)
-        self.speech = SpeechQueue(self._face.lookahead_frames)
+        self._face = face  # LiteFace or SadTalkerFace
+        self.speech = SpeechQueue(face.lookahead_frames, face.context_frames)
         self.rtmp = None  # the RTMP push of this session, if it has one
         first = self._face.frame(0.0, None)
         self.height, self.width = first.shape[:2]
@@ -343,6 +363,7 @@ class Session:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(10)
+        self._face.close()
         if self._recorder is not None:
             self._recorder.close()
         self._status("ended", "The session has ended.")
@@ -370,6 +391,8 @@ class Session:
                 "skipped_ticks": self.stats.skipped_ticks, "speech_s": round(self.stats.speech_frames / FPS, 2),
                 "utterances": self.stats.utterances, "underruns": self.stats.underruns,
                 "uptime_s": round(time.monotonic() - self.created, 1), "width": self.width, "height": self.height,
+                "renderer": self._face.renderer_name, "renderer_note": self._face.renderer_note,
+                "step_ms": round(1000 * self.stats.render_s / max(1, self.stats.frames_sent), 2),
                 "rtmp": None if self.rtmp is None else {"url": self.rtmp.url, "connected": self.rtmp.connected,
                                                          "connects": self.rtmp.connects},
                 "options": {f.name: getattr(self.options, f.name) for f in fields(self.options)}}
@@ -407,7 +430,9 @@ class Session:
             if not speaking and self.speech.pending():
                 self.stats.underruns += 1
                 self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
+        started = time.perf_counter()
         rgb = self._face.frame(t, speech)
+        self.stats.render_s += time.perf_counter() - started
         if speaking:
             self.stats.speech_frames += 1
         self._send(tick, t, rgb, None if speech is None else speech.pcm, "final" if speaking else "idle")
@@ -430,6 +455,7 @@ class Session:
             if speech.index == 0:
                 self.stats.utterances += 1
             self._scheduled[self._next_speech_tick] = speech
+            self._face.scheduled(speech)
             piece.append(speech.pcm)
             self._next_speech_tick += 1
             if len(piece) == PIECE_TICKS:
@@ -482,8 +508,13 @@ class SessionManager:
     """Creates sessions, finds them by id, ends them (on request, when idle too long, at shutdown)."""
 
     def __init__(self, broadcaster: Broadcaster | None, folder: str, detector_factory, max_sessions: int = 8,
-                 idle_minutes: float = 30.0, reap_every_s: float = 5.0, hub: StreamHub | None = None):
+                 idle_minutes: float = 30.0, reap_every_s: float = 5.0, hub: StreamHub | None = None,
+                 checkpoint_dir: str | None = None, device: str = "cpu"):
+        """``checkpoint_dir``/``device``: where SadTalker sessions get the process's SadTalker pipeline
+        (``live.engines.load_engine``: the networks load once, shared with the page's jobs)."""
         self.broadcaster = broadcaster
+        self.checkpoint_dir = checkpoint_dir
+        self.device = device
         self.hub = hub
         self.folder = os.path.abspath(folder)
         self.max_sessions = max_sessions
@@ -508,10 +539,15 @@ class SessionManager:
                 raise SessionLimitError(f"The server already runs {self.max_sessions} live sessions (the limit, "
                                         "--max-sessions); end one (DELETE /api/sessions/<id>) or try later.")
         rgb = load_image(image)
-        face = self._detector().detect(rgb)
+        points = self._detector().detect(rgb).points
+        face = self._face(rgb, points, options)
         session_id = secrets.token_urlsafe(16)
-        session = Session(session_id, rgb, face.points, options, self.broadcaster,
-                          os.path.join(self.folder, session_id), self.hub)
+        try:
+            session = Session(session_id, face, options, self.broadcaster, os.path.join(self.folder, session_id),
+                              self.hub)
+        except BaseException:
+            face.close()
+            raise
         with self._lock:
             self._sessions[session_id] = session
         session.start()
@@ -521,6 +557,21 @@ class SessionManager:
             session.rtmp = RtmpOutput(session.stream, rtmp_url)
             session.stream.attach(session.rtmp)
         return session
+
+    def _face(self, rgb: np.ndarray, points: np.ndarray, options: SessionOptions):
+        if options.engine == "lite":
+            return LiteFace(rgb, points, options)
+        from sadtalker.streaming import SadTalkerFace
+
+        from .engines import choose_engine, load_engine
+
+        if self.checkpoint_dir is None:
+            raise InputError("This server has no SadTalker checkpoint folder; create the session with "
+                             "{\"engine\": \"lite\"}.")
+        choose_engine("sadtalker", self.checkpoint_dir)  # a clear InputError when the weights are not installed
+        pipeline = load_engine("sadtalker", self.checkpoint_dir, self.device)
+        return SadTalkerFace(pipeline, rgb, points, size=options.size, preprocess=options.preprocess,
+                             seed=options.seed, use_blink=options.use_blink)
 
     def get(self, session_id: str) -> Session | None:
         with self._lock:

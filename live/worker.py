@@ -340,7 +340,8 @@ def run_worker(args) -> int:
     hub = StreamHub(None)
     sessions = SessionManager(None, os.path.join(os.path.abspath(args.outputs), "sessions"),
                               lambda: shared_detector(args.checkpoints), max_sessions=args.max_sessions,
-                              idle_minutes=float("inf"), hub=hub)
+                              idle_minutes=float("inf"), hub=hub, checkpoint_dir=args.checkpoints,
+                              device=getattr(args, "device", "cpu"))
     worker = QueueWorker(config, sessions).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

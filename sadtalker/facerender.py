@@ -193,7 +193,9 @@ class ClipKeypoints:
 
 
 @dataclass
-class _Source:
+class PreparedSource:
+    """What the renderer computes once per source image (``FaceRenderer.prepare``)."""
+
     image: torch.Tensor  # (1, 3, S, S)
     kp_canonical: torch.Tensor  # (1, K, 3)
     kp_source: torch.Tensor  # (1, K, 3)
@@ -234,7 +236,7 @@ class FaceRenderer:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
 
-    def _prepare_source(self, inputs: RenderInputs, batch_size: int, with_features: bool) -> _Source:
+    def _prepare_source(self, inputs: RenderInputs, batch_size: int, with_features: bool) -> PreparedSource:
         with torch.inference_mode():
             image = self._tensor(inputs.source_image)[None]  # (1, 3, S, S)
             kp_canonical = self._canonical_keypoints(inputs.source_image, image)  # (1, K, 3)
@@ -243,7 +245,7 @@ class FaceRenderer:
             motion = self._mapping(inputs)(semantics)
             kp_source = transform_keypoints(kp_canonical.expand(batch_size, -1, -1), motion)[:1]
             features = self.generator.encode_source(image) if with_features else None
-        return _Source(image, kp_canonical, kp_source, features)
+        return PreparedSource(image, kp_canonical, kp_source, features)
 
     def _canonical_keypoints(self, source_image: np.ndarray, image: torch.Tensor) -> torch.Tensor:
         """The keypoint detector on the source image, remembered for the last image (a clip's preview keypoints,
@@ -257,7 +259,7 @@ class FaceRenderer:
             self._last_canonical = (key, kp_canonical)
         return kp_canonical
 
-    def _driving_keypoints(self, inputs: RenderInputs, source: _Source, indices: range,
+    def _driving_keypoints(self, inputs: RenderInputs, source: PreparedSource, indices: range,
                            batch_size: int) -> torch.Tensor:
         """(len(indices), K, 3) driving keypoints of consecutive frames (call under inference mode).
 
@@ -298,7 +300,7 @@ class FaceRenderer:
         return ClipKeypoints(canonical=source.kp_canonical[0].float().cpu().numpy(),
                              source=source.kp_source[0].float().cpu().numpy(), driving=driving)
 
-    def _sequence_keypoints(self, inputs: RenderInputs, source: _Source, out: np.ndarray) -> None:
+    def _sequence_keypoints(self, inputs: RenderInputs, source: PreparedSource, out: np.ndarray) -> None:
         """Driving keypoints of the first len(out) frames into ``out`` (n, K, 3), MappingNet over chunks of the
         padded sequence."""
         mapping = self._mapping(inputs)
@@ -312,6 +314,15 @@ class FaceRenderer:
                          for seq in (inputs.yaw, inputs.pitch, inputs.roll)]
             kp_canonical = source.kp_canonical.expand(stop - first, -1, -1)
             out[first:stop] = transform_keypoints(kp_canonical, motion, *overrides).float().cpu()
+
+    def prepare(self, inputs: RenderInputs, with_features: bool = True) -> PreparedSource:
+        """The source's canonical and posed keypoints (and the generator's source features) for frames rendered one
+        by one from driving keypoints made elsewhere (a live face): ``render_keypoints``."""
+        return self._prepare_source(inputs, 1, with_features)
+
+    def render_keypoints(self, source: PreparedSource, kp_driving: torch.Tensor) -> np.ndarray:
+        """(B, S, S, 3) float32 frames in [0, 1] for driving keypoints (B, K, 3) of a prepared source."""
+        return self._render_group(source, kp_driving.to(self.device, self.dtype))
 
     def frames(self, inputs: RenderInputs, batch_size: int = 1, start: int = 0,
                workers: int = 1) -> Iterator[np.ndarray]:
@@ -336,19 +347,19 @@ class FaceRenderer:
             return
         yield from self._render_concurrently(inputs, source, groups, batch_size, workers)
 
-    def _group_keypoints(self, inputs: RenderInputs, source: _Source, indices: range,
+    def _group_keypoints(self, inputs: RenderInputs, source: PreparedSource, indices: range,
                          batch_size: int) -> torch.Tensor:
         with torch.inference_mode():
             return self._driving_keypoints(inputs, source, indices, batch_size)
 
-    def _render_group(self, source: _Source, kp_driving: torch.Tensor) -> np.ndarray:
+    def _render_group(self, source: PreparedSource, kp_driving: torch.Tensor) -> np.ndarray:
         """(B, S, S, 3) frames of one group of consecutive frames."""
         with torch.inference_mode():
             kp_source = source.kp_source.expand(len(kp_driving), -1, -1)
             images = self.generator.animate(source.features, kp_source, kp_driving)  # (B, 3, S, S)
             return images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, S, S, 3)
 
-    def _render_concurrently(self, inputs: RenderInputs, source: _Source, groups: list[range], batch_size: int,
+    def _render_concurrently(self, inputs: RenderInputs, source: PreparedSource, groups: list[range], batch_size: int,
                              workers: int) -> Iterator[np.ndarray]:
         threads_before = torch.get_num_threads()
 

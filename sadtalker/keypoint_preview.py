@@ -32,16 +32,25 @@ class KeypointPreview:
     source_rgb: (H, W, 3) uint8 renderer source crop; kp_source: (K, 3); kp_driving: (n, K, 3), in [-1, 1], the
     motion of the first n of ``num_frames`` frames (default: all). A preview can start from the motion of the
     first seconds; ``update`` then gives it the rest, and until then later frames hold the last known pose.
+
+    Without ``kp_driving`` (a live face, whose motion is made as it goes) the source is prepared once and
+    ``render_keypoints`` paints any driving keypoints.
     """
 
-    def __init__(self, source_rgb: np.ndarray, kp_source: np.ndarray, kp_driving: np.ndarray,
+    def __init__(self, source_rgb: np.ndarray, kp_source: np.ndarray, kp_driving: np.ndarray | None = None,
                  size: int = PREVIEW_SIZE, num_frames: int | None = None):
         kp_source = np.asarray(kp_source, np.float64)
-        self.num_frames = int(len(kp_driving) if num_frames is None else num_frames)
         self.size = size
-        self._source = cv2.resize(np.ascontiguousarray(source_rgb), (size, size), interpolation=cv2.INTER_AREA)
+        shrink = source_rgb.shape[0] > size
+        self._source = cv2.resize(np.ascontiguousarray(source_rgb), (size, size),
+                                  interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         self._kp_source = kp_source[:, :2]  # (K, 2) x, y
-        self._kp_driving = self._checked(kp_driving, kp_source.shape)  # (n, K, 2)
+        if kp_driving is None:
+            self.num_frames = int(num_frames or 0)
+            self._kp_driving = np.zeros((0, *self._kp_source.shape))
+        else:
+            self.num_frames = int(len(kp_driving) if num_frames is None else num_frames)
+            self._kp_driving = self._checked(kp_driving, kp_source.shape)  # (n, K, 2)
         axis = np.linspace(-1.0, 1.0, _GRID)
         grid_x, grid_y = np.meshgrid(axis, axis)  # (G, G) each, row = y
         self._points = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)  # (G*G, 2) as (x, y)
@@ -71,8 +80,17 @@ class KeypointPreview:
     def render(self, index: int) -> np.ndarray:
         """(size, size, 3) uint8 preview of frame ``index`` (clamped to the clip and to the known motion)."""
         driving = self._kp_driving
+        if not len(driving):
+            raise ValueError("this preview has no motion: give kp_driving, or use render_keypoints")
         index = min(max(int(index), 0), len(driving) - 1)
-        field = self.sample_field(driving[index])  # (G*G, 2) normalised source positions
+        return self.render_keypoints(driving[index])
+
+    def render_keypoints(self, kp_driving: np.ndarray) -> np.ndarray:
+        """(size, size, 3) uint8 frame for one set of driving keypoints (K, 3) or (K, 2) in [-1, 1]."""
+        kp_driving = np.asarray(kp_driving, np.float64)
+        if kp_driving.shape[0] != len(self._kp_source) or kp_driving.ndim != 2 or kp_driving.shape[1] not in (2, 3):
+            raise ValueError(f"kp_driving must be ({len(self._kp_source)}, 3), got {kp_driving.shape}")
+        field = self.sample_field(kp_driving[:, :2])  # (G*G, 2) normalised source positions
         # Upsample the displacement (smooth, ~0 at the borders), not the positions, so no motion = exact identity.
         shift = ((field - self._points) * 0.5 * (self.size - 1)).astype(np.float32).reshape(_GRID, _GRID, 2)
         shift = cv2.resize(shift, (self.size, self.size), interpolation=cv2.INTER_LINEAR)  # (S, S, 2) pixels

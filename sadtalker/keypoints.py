@@ -55,8 +55,15 @@ def transform_keypoints(kp_canonical: torch.Tensor, motion: HeadMotion, yaw: tor
 
     ``kp = R @ kp_canonical + (0, t_y, 0) + exp``. Inputs are not modified.
     """
-    rot = rotation_matrix(*head_pose_degrees(motion, yaw, pitch, roll))  # (B, 3, 3)
+    return pose_keypoints(kp_canonical, *head_pose_degrees(motion, yaw, pitch, roll), motion.t, motion.exp)
+
+
+def pose_keypoints(kp_canonical: torch.Tensor, yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor,
+                   t: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """The transformation from head pose in degrees (B,) each, translation (B, 3) and expression offsets (B, 3K):
+    ``kp = R @ kp_canonical + (0, t_y, 0) + exp`` (B, K, 3). Inputs are not modified."""
+    rot = rotation_matrix(yaw, pitch, roll)  # (B, 3, 3)
     kp = kp_canonical @ rot.transpose(1, 2)  # (B, K, 3): each keypoint rotated
-    only_ty = torch.tensor([0.0, 1.0, 0.0], dtype=motion.t.dtype, device=motion.t.device)
-    kp = kp + (motion.t * only_ty).unsqueeze(1)  # t_x and t_z are dropped (zeroed) as in the reference
-    return kp + motion.exp.view(motion.exp.shape[0], -1, 3)
+    only_ty = torch.tensor([0.0, 1.0, 0.0], dtype=t.dtype, device=t.device)
+    kp = kp + (t * only_ty).unsqueeze(1)  # t_x and t_z are dropped (zeroed) as in the reference
+    return kp + exp.view(exp.shape[0], -1, 3)

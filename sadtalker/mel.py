@@ -90,7 +90,11 @@ def _periodic_hann(length: int) -> np.ndarray:
 
 def _stft_magnitude(signal: np.ndarray) -> np.ndarray:
     """|STFT| (1 + N_FFT // 2, 1 + len // HOP) of a float64 signal, centred frames with zero padding."""
-    padded = np.pad(signal, (N_FFT // 2, N_FFT // 2), mode="constant")
+    return _frames_magnitude(np.pad(signal, (N_FFT // 2, N_FFT // 2), mode="constant"))
+
+
+def _frames_magnitude(padded: np.ndarray) -> np.ndarray:
+    """|STFT| (1 + N_FFT // 2, n) of the frames starting every HOP samples of ``padded`` (float64)."""
     num_frames = 1 + (len(padded) - N_FFT) // HOP
     frames = np.lib.stride_tricks.as_strided(
         padded, shape=(num_frames, N_FFT), strides=(padded.strides[0] * HOP, padded.strides[0]), writeable=False)
@@ -98,19 +102,28 @@ def _stft_magnitude(signal: np.ndarray) -> np.ndarray:
     return np.abs(spectrum).T
 
 
-def melspectrogram(wav: np.ndarray) -> np.ndarray:
-    """(80, 1 + len(wav) // 200) float32 normalised log-mel spectrogram in [-4, 4] (official ``melspectrogram``)."""
-    x = np.asarray(wav, dtype=np.float64).reshape(-1)
+def _emphasise(x: np.ndarray, previous: float = 0.0) -> np.ndarray:
+    """Pre-emphasis ``y[n] = x[n] - 0.97 x[n-1]`` (float64), ``previous`` being x[-1] (0 at the start, as lfilter)."""
     emphasised = np.empty_like(x)
     if x.size:
-        emphasised[0] = x[0]
+        emphasised[0] = x[0] - PREEMPHASIS * previous
         emphasised[1:] = x[1:] - PREEMPHASIS * x[:-1]
-    magnitude = _stft_magnitude(emphasised)
+    return emphasised
+
+
+def _normalised_log_mel(magnitude: np.ndarray) -> np.ndarray:
+    """|STFT| (401, n) float64 -> (80, n) float32 normalised log-mel in [-4, 4]."""
     mel = mel_filterbank() @ magnitude  # float32 filters x float64 magnitudes -> float64, as numpy.dot does
     min_level = np.exp(MIN_LEVEL_DB / 20.0 * np.log(10.0))  # 1e-5
     db = 20.0 * np.log10(np.maximum(min_level, mel)) - REF_LEVEL_DB
     normalised = (2.0 * MAX_ABS_VALUE) * ((db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB)) - MAX_ABS_VALUE
     return np.clip(normalised, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+
+
+def melspectrogram(wav: np.ndarray) -> np.ndarray:
+    """(80, 1 + len(wav) // 200) float32 normalised log-mel spectrogram in [-4, 4] (official ``melspectrogram``)."""
+    x = np.asarray(wav, dtype=np.float64).reshape(-1)
+    return _normalised_log_mel(_stft_magnitude(_emphasise(x)))
 
 
 def num_frames_for(num_samples: int) -> int:
@@ -122,6 +135,11 @@ def window_starts(num_frames: int) -> np.ndarray:
     """First mel row of each video frame's window: int(80 * ((i - 2) / 25)), truncated toward zero like Python int()."""
     i = np.arange(num_frames, dtype=np.float64)
     return np.trunc(float(MEL_FRAMES_PER_SECOND) * ((i - 2.0) / float(FPS))).astype(np.int64)
+
+
+def _window_start(frame: int) -> int:
+    """``window_starts`` of one frame."""
+    return int(float(MEL_FRAMES_PER_SECOND) * ((frame - 2.0) / float(FPS)))
 
 
 def frame_windows(mel: np.ndarray, num_frames: int) -> np.ndarray:
@@ -151,3 +169,116 @@ def idle_features(seconds: float) -> AudioFeatures:
         raise InputError("The idle animation must last at least one video frame (1/25 s).")
     windows = np.zeros((num_frames, NUM_MELS, WINDOW_FRAMES), dtype=np.float32)
     return AudioFeatures(mel=np.zeros((NUM_MELS, 0), dtype=np.float32), windows=windows, num_frames=num_frames)
+
+
+# Look-ahead of a frame's window: its last mel row, int(3.2 * (i - 2)) + 15, is centred at most 1720 samples after the
+# frame's start and reaches N_FFT / 2 further: 640 * i + 2120, i.e. 1480 samples after the frame's end.
+WINDOW_LOOKAHEAD_SAMPLES = (WINDOW_FRAMES - 1) * HOP - 2 * SAMPLES_PER_VIDEO_FRAME + N_FFT // 2 \
+    - SAMPLES_PER_VIDEO_FRAME  # 1480
+
+
+class StreamingAudioFeatures:
+    """``audio_features`` of audio that arrives in pieces: each mel row and each video frame's window comes out as
+    soon as the audio it depends on has arrived (a window: up to WINDOW_LOOKAHEAD_SAMPLES, 92.5 ms, after its
+    frame's end), the rest once ``finish`` says the audio is complete.
+
+    The audio is taken padded with zeros to whole video frames (a live utterance keeps its last partial frame), so
+    the windows equal ``audio_features(padded).windows`` (and, for audio of whole frames, ``audio_features(audio)``)
+    up to float rounding. Memory stays bounded: only the samples and mel rows later windows need are kept.
+    """
+
+    def __init__(self):
+        self._samples = np.zeros(0, np.float64)  # pre-emphasised audio from absolute sample self._first_sample
+        self._first_sample = 0
+        self._received = 0  # samples pushed so far
+        self._previous = 0.0  # the last raw sample (the pre-emphasis filter's state)
+        self._mel = np.zeros((NUM_MELS, 0), np.float32)  # mel rows from absolute row self._first_row
+        self._first_row = 0
+        self._rows = 0  # mel rows computed
+        self._frames = 0  # windows handed out
+        self._total_rows: int | None = None  # known once finished
+        self.num_frames: int | None = None  # video frames of the whole audio, once finished
+
+    @property
+    def finished(self) -> bool:
+        return self._total_rows is not None
+
+    @property
+    def frames_out(self) -> int:
+        """Windows handed out so far (the next window is of this frame)."""
+        return self._frames
+
+    def push(self, samples: np.ndarray) -> None:
+        """More 16 kHz mono audio (any length, float)."""
+        if self.finished:
+            raise ValueError("the audio was finished; start a new StreamingAudioFeatures for more")
+        x = np.asarray(samples, dtype=np.float32).astype(np.float64).reshape(-1)  # file mode reads float32
+        if not x.size:
+            return
+        self._samples = np.concatenate([self._samples, _emphasise(x, self._previous)])
+        self._previous = float(x[-1])
+        self._received += x.size
+        # row j is centred on sample j * HOP and needs the samples up to j * HOP + N_FFT / 2
+        self._compute_rows(max(0, (self._received - N_FFT // 2) // HOP + 1))
+
+    def finish(self) -> None:
+        """The audio is complete: pad it to whole video frames; every remaining row and window can come out."""
+        if self.finished:
+            return
+        padded = -(-self._received // SAMPLES_PER_VIDEO_FRAME) * SAMPLES_PER_VIDEO_FRAME
+        if padded > self._received:
+            self.push(np.zeros(padded - self._received, np.float32))
+        self._total_rows = 1 + self._received // HOP
+        self.num_frames = self._received // SAMPLES_PER_VIDEO_FRAME
+        self._compute_rows(self._total_rows)
+
+    def windows(self) -> np.ndarray:
+        """(n, 80, 16) float32 windows of the next n frames whose audio has arrived (n may be 0)."""
+        ready = self._frames
+        limit = self.num_frames if self.finished else None
+        while limit is None or ready < limit:
+            last_row = _window_start(ready) + WINDOW_FRAMES - 1
+            if self.finished:
+                last_row = min(last_row, self._total_rows - 1)
+            if last_row >= self._rows:
+                break
+            ready += 1
+        count = ready - self._frames
+        if count == 0:
+            return np.zeros((0, NUM_MELS, WINDOW_FRAMES), np.float32)
+        starts = np.array([_window_start(i) for i in range(self._frames, ready)], np.int64)
+        rows = starts[:, None] + np.arange(WINDOW_FRAMES)[None, :]  # (n, 16) absolute mel rows
+        rows = np.clip(rows, 0, self._rows - 1) - self._first_row
+        out = np.ascontiguousarray(self._mel[:, rows].transpose(1, 0, 2))  # (80, n, 16) -> (n, 80, 16)
+        self._frames = ready
+        self._forget()
+        return out
+
+    def _compute_rows(self, stop: int) -> None:
+        """Mel rows self._rows .. stop-1 from the kept samples (zeros outside the audio, as the centred STFT)."""
+        if stop <= self._rows:
+            return
+        first_sample = self._rows * HOP - N_FFT // 2  # absolute sample where the first new row's frame starts
+        last_sample = (stop - 1) * HOP + N_FFT // 2  # ... and where the last one's ends
+        segment = np.zeros(last_sample - first_sample, np.float64)
+        lo = max(first_sample, self._first_sample)
+        hi = min(last_sample, self._first_sample + self._samples.size)
+        if hi > lo:
+            segment[lo - first_sample:hi - first_sample] = self._samples[lo - self._first_sample:hi - self._first_sample]
+        rows = _normalised_log_mel(_frames_magnitude(segment))  # (80, stop - self._rows)
+        self._mel = np.concatenate([self._mel, rows], axis=1)
+        self._rows = stop
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the mel rows and samples that no later row or window needs."""
+        keep_row = max(0, _window_start(self._frames))  # first row of the next window
+        if keep_row > self._first_row:
+            drop = min(keep_row, self._rows) - self._first_row
+            self._mel = self._mel[:, drop:]
+            self._first_row += drop
+        keep_sample = max(0, self._rows * HOP - N_FFT // 2)  # where the next row's frame starts
+        if keep_sample > self._first_sample:
+            drop = min(keep_sample - self._first_sample, self._samples.size)
+            self._samples = self._samples[drop:]
+            self._first_sample += drop

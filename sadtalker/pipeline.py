@@ -111,6 +111,13 @@ class SadTalkerPipeline:
                     self._enhancers[key] = (enhancer, tuple(warnings))
             return self._enhancers[key]
 
+    def source_face(self, rgb: np.ndarray, landmarks: np.ndarray, preprocess: str, size: int) -> SourceFace:
+        """A portrait prepared for the renderer of ``size``: its crop (``preprocess`` mode) and 3DMM coefficients
+        (for a live face; ``generate`` does the same steps with progress events)."""
+        nets = self.networks(size)
+        crop = crop_portrait(rgb, landmarks, preprocess, size)
+        return SourceFace(crop=crop, coeff=self._image_coefficients(crop.image, nets)[None], landmarks=landmarks)
+
     # --- one request -------------------------------------------------------------------------------------------
 
     def generate(self, image, audio: str, options: Options) -> Iterator[Event]:

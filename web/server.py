@@ -68,7 +68,8 @@ def serve(args: argparse.Namespace) -> int:
 
     sessions = SessionManager(broadcaster, os.path.join(studio.outputs_dir, "sessions"),
                               lambda: shared_detector(args.checkpoints), max_sessions=args.max_sessions,
-                              idle_minutes=args.session_idle_minutes, hub=hub)
+                              idle_minutes=args.session_idle_minutes, hub=hub, checkpoint_dir=args.checkpoints,
+                              device=args.device)
     broadcaster.speech_handler = lambda session_id, samples, final: _speak(sessions, session_id, samples, final)
     demo = build_ui(studio, sessions, max_jobs=args.max_jobs, viewer_token=access.token)
     app, local_url, share_url = demo.launch(

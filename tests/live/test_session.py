@@ -248,3 +248,46 @@ def test_say_speaks_text_through_the_offline_tts(server):
                                                                                     "voice")]:
         response = server.http.post(f"/api/sessions/{session}/say", json=bad)
         assert response.status_code == 400 and message in response.json()["error"].lower(), response.text
+
+
+def test_a_sadtalker_session_speaks_with_sadtalkers_own_motion(tmp_path):
+    """engine "sadtalker": the pipeline's networks (synthetic weights in the official layout) drive the face through
+    the keypoint preview; the state says which renderer runs; fed speech is spoken, then the face idles again."""
+    from sadtalker.synthetic import cached_official_layout
+
+    server = Server(tmp_path, checkpoint_dir=cached_official_layout(legacy=False))
+    try:
+        created = server.create({"engine": "sadtalker", "size": 128, "seed": 2})
+        session = created["session"]
+        assert created["renderer"] == "keypoint-preview" and created["options"]["engine"] == "sadtalker"
+        assert (created["width"], created["height"]) == (128, 128)
+        viewer = Viewer(server.broadcaster.url, session)
+        wait_until(lambda: len(viewer.of("frame")) >= 10, 10, "idle frames")
+        samples = load_audio(str(EXAMPLE_AUDIO))[:16000 * 3]
+        response = server.http.post(f"/api/sessions/{session}/speech?final=1", content=(samples * 32767).astype(
+            ">i2").tobytes(), headers={"Content-Type": "audio/L16; rate=16000"})
+        assert response.status_code == 202, response.text
+        wait_until(lambda: server.http.get(f"/api/sessions/{session}").json()["state"] == "speaking", 10, "speaking")
+        wait_until(lambda: server.http.get(f"/api/sessions/{session}").json()["speech_queued_s"] == 0
+                   and server.http.get(f"/api/sessions/{session}").json()["state"] == "idle", 20, "spoken")
+        state = server.http.get(f"/api/sessions/{session}").json()
+        assert state["utterances"] == 1 and state["speech_s"] == pytest.approx(3.0, abs=0.05)
+        # every tick of the timeline is sent or, on a starved shared CPU, skipped (the motion still steps through it)
+        assert state["frames_sent"] + state["skipped_ticks"] >= state["uptime_s"] * 25 * 0.9
+        viewer.close()
+        qualities = [f["quality"] for f in viewer.of("frame")]
+        assert qualities.count("final") >= 70 and qualities[-1] == "idle"
+    finally:
+        server.close()
+
+
+def test_a_sadtalker_session_without_weights_is_refused_clearly(tmp_path):
+    server = Server(tmp_path, checkpoint_dir=str(tmp_path / "no-weights"))
+    try:
+        response = server.http.post("/api/sessions", files={"image": ("p.png", EXAMPLE_IMAGE.read_bytes(),
+                                                                       "image/png")},
+                                    data={"options": '{"engine": "sadtalker"}'})
+        assert response.status_code == 400 and "SadTalker engine cannot run" in response.json()["error"]
+        assert server.create({"engine": "lite", "size": 128})["renderer"] == "lite"
+    finally:
+        server.close()

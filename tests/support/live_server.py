@@ -19,7 +19,7 @@ from .paths import EXAMPLE_IMAGE, free_port
 class Server:
     """The session routes of the app on a real HTTP server, with a real broadcaster and session manager."""
 
-    def __init__(self, tmp_path, max_sessions=3, idle_minutes=30.0):
+    def __init__(self, tmp_path, max_sessions=3, idle_minutes=30.0, checkpoint_dir=None):
         import uvicorn
         from fastapi import FastAPI
 
@@ -30,7 +30,7 @@ class Server:
         self.hub = StreamHub(self.broadcaster)
         self.sessions = SessionManager(self.broadcaster, str(tmp_path / "sessions"), shared_detector,
                                        max_sessions=max_sessions, idle_minutes=idle_minutes, reap_every_s=0.2,
-                                       hub=self.hub)
+                                       hub=self.hub, checkpoint_dir=checkpoint_dir)
         self.broadcaster.speech_handler = lambda sid, samples, final: self.sessions.get(sid).speak(samples, final)
         app = FastAPI()
         add_session_routes(app, self.sessions, self.broadcaster, ws_port=self.broadcaster.port)
