@@ -1,6 +1,6 @@
 """Sound and picture in a real browser: how soon the speech is heard, and how well the mouth keeps with it.
 
-    python bench/av_sync.py [--engines lite,sadtalker] [--clips example,30s] [--repeats 2]
+    python -m bench.av_sync [--engines lite,sadtalker] [--clips example,30s] [--repeats 2]
 
 For each engine and clip: the app is started (``app.py``; SadTalker on synthetic official-layout weights, written
 once into the temp dir), the portrait and the speech are uploaded in the page, and Generate is clicked in Chromium

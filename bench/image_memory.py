@@ -1,6 +1,6 @@
 """Peak memory of reading a portrait: decompression bombs, wide pixel modes, a huge JPEG, a photo at the limit.
 
-    python bench/image_memory.py [--keep DIR]
+    python -m bench.image_memory [--keep DIR]
 
 Each case is loaded by ``core.image.load_image`` in a fresh Python process, which reports its peak RSS
 (``VmHWM``) after the imports and after loading, the time it took and what came of it (the decoded size, or

@@ -1,6 +1,6 @@
 """Benchmark of the lite engine: render speed and lip sync, on examples/ and on a ~30 s espeak-ng clip.
 
-    python bench/lite.py [--repeats 3] [--long-text "..."]
+    python -m bench.lite [--repeats 3] [--long-text "..."]
 
 Prints, per clip:
 * render fps of the full-frame renderer on the 512x512 example portrait and of the 128x128 preview renderer
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from lipsync import lip_opening, lip_sync
+from bench.lipsync import lip_opening, lip_sync
 from preview.lite import LiteEngine, LitePreview
 from preview.motion import audio_features, motion_from_audio
 from preview.warp import FaceWarper

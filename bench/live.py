@@ -6,12 +6,16 @@
 3. peak RSS of a whole generation for 10 s vs 60 s of audio (ratio target <= 1.2);
 4. generation throughput with 50 viewers connected vs none (ratio target >= 0.95).
 
-    python bench/live.py [--repeats 3] [--skip-app]
+    python -m bench.live [--repeats 3] [--skip-app]
 
 The speech clips are the example clip tiled to 10 s and 60 s. Viewers run in a separate process (like browser tabs)
 and time-stamp with the system-wide monotonic clock, so their times compare with this process's.
 """
 from __future__ import annotations
+
+if __name__ in ("live",):  # imported by that name: bench/ is on the import path because a bench ran as a file
+    raise ImportError("bench/live.py stands in for the live package here: run benchmarks as modules "
+                      "from the repository root, e.g. python -m bench.session")
 
 import argparse
 import asyncio
@@ -90,8 +94,8 @@ class Viewers:
     def __init__(self, url: str, count: int, low_priority: bool = False):
         self.messages: list[dict] = []
         self._lock = threading.Condition()
-        self.process = subprocess.Popen([sys.executable, __file__, "_viewers", url, str(count), str(int(low_priority))],
-                                        stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.live", "_viewers", url, str(count),
+                                         str(int(low_priority))], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         threading.Thread(target=self._read, daemon=True).start()
         self.wait(lambda m: m["type"] == "viewers-ready", 30)
         self.wait(lambda m: m["type"] == "hello", 30)
@@ -300,7 +304,8 @@ def rss_child(seconds: float) -> None:
 def peak_rss() -> None:
     results = {}
     for seconds in (10.0, 60.0):
-        out = subprocess.run([sys.executable, __file__, "_rss", str(seconds)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "bench.live", "_rss", str(seconds)], capture_output=True, text=True,
+                             cwd=ROOT)
         if out.returncode != 0:
             raise RuntimeError(out.stderr)
         results[seconds] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """Standard live outputs of a session (WebRTC/WHEP, HLS, RTMP): delay, A/V offset over time, and CPU cost.
 
-    python bench/outputs.py [--minutes 10] [--beeps 5]
+    python -m bench.outputs [--minutes 10] [--beeps 5]
 
 The real app runs (``app.py``); a Lite session (512x512) is created with an RTMP push to a local receiver. Three
 clients watch it at once, each in this process: a WHEP client (aiortc), an HLS reader (PyAV reading the playlist,
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsync import lip_opening, lip_sync
+from bench.lipsync import lip_opening, lip_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"

@@ -1,7 +1,7 @@
 """Per-frame cost of the post-processing stages: paste-back (full/extfull) and the face enhancer.
 
-    python bench/postprocess_speed.py                 # paste-back only (a second or two)
-    python bench/postprocess_speed.py --enhancer      # + GFPGAN v1.4 on synthetic weights (slow on a CPU)
+    python -m bench.postprocess_speed                 # paste-back only (a second or two)
+    python -m bench.postprocess_speed --enhancer      # + GFPGAN v1.4 on synthetic weights (slow on a CPU)
 
 Paste-back runs on skimage's astronaut upscaled to 1024x1024 with 256x256 rendered frames, both with our solver
 (``fast``) and with ``cv2.seamlessClone`` (``opencv``, what the official code calls). Prints medians over repeats.

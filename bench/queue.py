@@ -1,6 +1,6 @@
 """Message-driven livestreams: what one worker sustains, how soon a message is seen speaking, two workers sharing.
 
-    python bench/queue.py [--amqp amqp://guest:guest@127.0.0.1/] [--sessions 1,2,4] [--seconds 60]
+    python -m bench.queue [--amqp amqp://guest:guest@127.0.0.1/] [--sessions 1,2,4] [--seconds 60]
 
 Needs a RabbitMQ broker with the consistent-hash exchange (README). Workers run as ``app.py worker`` processes, as a
 user runs them. Printed:
@@ -13,6 +13,10 @@ user runs them. Printed:
 3. two workers on this box: 10 sessions started; how many each worker took.
 """
 from __future__ import annotations
+
+if __name__ in ("queue",):  # imported by that name: bench/ is on the import path because a bench ran as a file
+    raise ImportError("bench/queue.py stands in for the standard library's queue here: run benchmarks as modules "
+                      "from the repository root, e.g. python -m bench.session")
 
 import argparse
 import asyncio

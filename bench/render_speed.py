@@ -1,6 +1,6 @@
 """Speed of our face renderer path on synthetic weights (CPU by default).
 
-    python bench/render_speed.py --size 256 --frames 4 --threads 2 [--batch-size N] [--workers N] [--repeats 3]
+    python -m bench.render_speed --size 256 --frames 4 --threads 2 [--batch-size N] [--workers N] [--repeats 3]
 
 Times what the official ``make_animation`` does for a clip (canonical keypoints once, then MappingNet + keypoint
 transformation + generator per frame), as our ``FaceRenderer.frames`` does it (plus the source encoding, once per

@@ -6,7 +6,7 @@
    the final frames made so far in place of theirs;
 4. peak RSS for 60 s vs 10 s of audio (ratio target <= 1.2).
 
-    python bench/sadtalker_live.py [--checkpoints DIR] [--watch 45] [--frames 3]
+    python -m bench.sadtalker_live [--checkpoints DIR] [--watch 45] [--frames 3]
 
 Without --checkpoints it writes synthetic weights in the official layout (once, into the temp dir): speed and memory
 do not depend on the weight values. Point 4 runs each clip in a fresh process up to ``--frames`` final frames: every
@@ -152,8 +152,8 @@ def rss(checkpoints: str, frames: int, folder: str) -> None:
     results = {}
     for seconds in (10.0, 60.0):
         audio = make_clip(seconds, folder)
-        out = subprocess.run([sys.executable, __file__, "--rss-child", audio, "--checkpoints", checkpoints,
-                              "--frames", str(frames)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "bench.sadtalker_live", "--rss-child", audio, "--checkpoints",
+                              checkpoints, "--frames", str(frames)], capture_output=True, text=True, check=True, cwd=ROOT)
         results[seconds] = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = results[10.0], results[60.0]
     print(f"4. peak RSS 10 s: {a['end']:.0f} MiB, 60 s: {b['end']:.0f} MiB -> ratio {b['end'] / a['end']:.3f}  "

@@ -1,7 +1,7 @@
 """Live avatar sessions: latency, lip sync, lateness, concurrency and memory (Lite engine, or SadTalker's).
 
-    python bench/session.py [--minutes 10] [--max-sessions 8] [--skip-long]
-    python bench/session.py --engine sadtalker [--checkpoints DIR] [--seconds 30] --skip-long --max-sessions 0
+    python -m bench.session [--minutes 10] [--max-sessions 8] [--skip-long]
+    python -m bench.session --engine sadtalker [--checkpoints DIR] [--seconds 30] --skip-long --max-sessions 0
 
 Sessions run in this process with the real broadcaster; viewers are WebSocket clients in another process (like
 browser tabs) that time-stamp every message with the system-wide monotonic clock. Printed:
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsync import lip_opening, lip_sync
+from bench.lipsync import lip_opening, lip_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_IMAGE = ROOT / "examples" / "portrait.png"
@@ -70,7 +70,7 @@ def viewer_process(url: str, streams: list[str]) -> None:
 class Viewers:
     def __init__(self, url: str, streams: list[str]):
         self.lines: list[dict] = []
-        self.process = subprocess.Popen([sys.executable, __file__, "_viewer", url, *streams], stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.session", "_viewer", url, *streams], stdout=subprocess.PIPE,
                                         text=True, cwd=str(ROOT))
         threading.Thread(target=self._read, daemon=True).start()
 

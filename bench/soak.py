@@ -1,6 +1,6 @@
 """Memory over many jobs: the example generated back to back with the Lite engine, RSS printed every 20 jobs.
 
-    python -m bench.soak [--jobs 200] [--every 20] [--app]   (-m: bench/live.py would shadow the live package)
+    python -m bench.soak [--jobs 200] [--every 20] [--app]
 
 In-process (default): a Studio with a real Broadcaster (port 0) and one WebSocket viewer that follows every stream,
 as the app runs it. ``--app``: ``app.py`` started as a process on free ports, each job through the Gradio API (what

@@ -1,6 +1,6 @@
 """The Lite engine's motion, file mode vs streaming: lip sync on rendered frames, head motion, cost per tick.
 
-    python bench/streaming_motion.py [--seeds 8] [--long-text "..."]
+    python -m bench.streaming_motion [--seeds 8] [--long-text "..."]
 
 Clips: examples/speech.wav and a ~30 s espeak-ng clip (bench/lite.py's text; the example tiled 5x when espeak-ng is
 not installed). Per clip, two motions of the same speech:
@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from lipsync import lip_opening, lip_sync
+from bench.lipsync import lip_opening, lip_sync
 from core.audio import load_audio, num_video_frames
 from core.image import load_image
 from core.landmarks import LandmarkDetector
