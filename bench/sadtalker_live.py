@@ -153,7 +153,8 @@ def rss(checkpoints: str, frames: int, folder: str) -> None:
     for seconds in (10.0, 60.0):
         audio = make_clip(seconds, folder)
         out = subprocess.run([sys.executable, "-m", "bench.sadtalker_live", "--rss-child", audio, "--checkpoints",
-                              checkpoints, "--frames", str(frames)], capture_output=True, text=True, check=True, cwd=ROOT)
+                              checkpoints, "--frames", str(frames)],
+                             capture_output=True, text=True, check=True, cwd=ROOT)
         results[seconds] = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = results[10.0], results[60.0]
     print(f"4. peak RSS 10 s: {a['end']:.0f} MiB, 60 s: {b['end']:.0f} MiB -> ratio {b['end'] / a['end']:.3f}  "

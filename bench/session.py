@@ -70,7 +70,8 @@ def viewer_process(url: str, streams: list[str]) -> None:
 class Viewers:
     def __init__(self, url: str, streams: list[str]):
         self.lines: list[dict] = []
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.session", "_viewer", url, *streams], stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.session", "_viewer", url, *streams],
+                                        stdout=subprocess.PIPE,
                                         text=True, cwd=str(ROOT))
         threading.Thread(target=self._read, daemon=True).start()
 
