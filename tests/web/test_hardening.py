@@ -6,7 +6,6 @@ second one starts on the same outputs folder, then is stopped with SIGTERM mid-r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import http.cookiejar
 import json
@@ -149,7 +148,7 @@ def guarded(tmp_path_factory, artifacts_dir):
 
 def test_the_login_guards_the_page_the_viewer_the_videos_and_the_stream(guarded):
     app = guarded
-    assert f"Live viewers: at most 40 (the open-file limit" in app.log()
+    assert "Live viewers: at most 40 (the open-file limit" in app.log()
     assert "WARNING" not in app.log()  # on this computer only: nothing exposed
     # A stranger: the login page, and nothing else.
     assert get(app.url)[0] == 200
