@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .keypoints import transform_keypoints
+from .models.fast_conv import LOW_PRECISION_DTYPES, conv_precision
 from .models.generator import OcclusionAwareSPADEGenerator, SourceFeatures
 from .models.keypoint_detector import KeypointDetector
 from .models.mapping import HeadMotion, MappingNet
@@ -211,10 +212,19 @@ class FaceRenderer:
     """Runs the renderer networks for a clip: keypoints once, then frames one at a time in video order.
 
     Holds loaded networks (and the last source's canonical keypoints), so one instance can serve several jobs.
+
+    ``precision``: None renders in the networks' own dtype; ``torch.bfloat16`` (CPUs with bf16 instructions) or
+    ``torch.float16`` (GPUs) runs the generator's per-frame convolutions in that type and all the rest in float32
+    (``models.fast_conv``): faster, not faithful to the last bits (its error is measured by
+    ``bench/precision_error.py``). Keypoints and the source encoding stay in the networks' dtype.
     """
 
     def __init__(self, kp_extractor: KeypointDetector, generator: OcclusionAwareSPADEGenerator,
-                 mapping_crop: MappingNet, mapping_still: MappingNet | None = None):
+                 mapping_crop: MappingNet, mapping_still: MappingNet | None = None,
+                 precision: torch.dtype | None = None):
+        if precision is not None and precision not in LOW_PRECISION_DTYPES:
+            raise ValueError(f"renderer precision must be one of {LOW_PRECISION_DTYPES} or None, got {precision}")
+        self.precision = precision
         self.kp_extractor = kp_extractor
         self.generator = generator
         self.mappings = {m.first[0].in_channels: m for m in (mapping_crop, mapping_still) if m is not None}
@@ -343,7 +353,7 @@ class FaceRenderer:
 
     def _render_group(self, source: _Source, kp_driving: torch.Tensor) -> np.ndarray:
         """(B, S, S, 3) frames of one group of consecutive frames."""
-        with torch.inference_mode():
+        with torch.inference_mode(), conv_precision(self.precision):
             kp_source = source.kp_source.expand(len(kp_driving), -1, -1)
             images = self.generator.animate(source.features, kp_source, kp_driving)  # (B, 3, S, S)
             return images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, S, S, 3)

@@ -1,9 +1,15 @@
-"""Fast CPU paths for the renderer's convolutions: same results within float32 rounding, fewer seconds per frame.
+"""Fast paths for the renderer's convolutions: same results within float32 rounding, fewer seconds per frame.
 
 Not the paper's layers (those are in ``blocks.py`` and the network files) but how some of them are computed:
 3x3 convolutions through NNPACK's Winograd kernels, 3-D convolutions as NNPACK depth slices, nearest up-sampling
 followed by a 3x3 convolution folded into one smaller convolution per output phase, and caches of tensors derived
 from weights. ``reference_computation()`` switches all of it off (side-by-side checks, speed comparisons).
+
+Reduced precision is opt-in and per layer: within ``conv_precision(torch.bfloat16)`` (or float16 on a GPU) the
+convolutions -- nearly all of the renderer's arithmetic -- take their inputs and weights rounded to that type (oneDNN
+runs them on AMX / AVX-512 BF16 units, in channels-last layout, accumulating in float32) and hand back float32
+activations; everything whose precision matters stays float32: normalisation statistics, softmax, the keypoint
+Gaussians, the sampling grids and ``grid_sample``, pooling, the residual sums.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from torch import nn
 
 
 _FAST_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("fast_paths", default=True)
+_CONV_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("conv_dtype", default=None)
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @contextlib.contextmanager
@@ -32,6 +40,65 @@ def reference_computation():
 
 def fast_paths_enabled() -> bool:
     return _FAST_PATHS.get()
+
+
+@contextlib.contextmanager
+def conv_precision(dtype: torch.dtype | None):
+    """Within this block (this thread / context) convolutions of float32 activations compute in ``dtype``
+    (``torch.bfloat16`` / ``torch.float16``; None: as the activations). See the module docstring."""
+    if dtype is not None and dtype not in LOW_PRECISION_DTYPES:
+        raise ValueError(f"convolution precision must be one of {LOW_PRECISION_DTYPES} or None, got {dtype}")
+    token = _CONV_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _CONV_DTYPE.reset(token)
+
+
+def _low_precision(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype this convolution of x runs in if not x's own (reduced precision in force, no autograd)."""
+    dtype = _CONV_DTYPE.get()
+    if dtype is None or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    return dtype
+
+
+def _low_precision_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` rounded to ``dtype`` in channels-last layout, kept on the weight tensor itself until it changes
+    (parameters: their version counter; tensors derived from weights are replaced, not modified, when rebuilt)."""
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor (derived from weights): never modified in place
+        version = -1
+    cached = getattr(weight, "_low_precision_copy", None)
+    if cached is not None and cached[0] == (version, dtype):
+        return cached[1]
+    layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+    converted = weight.detach().to(dtype).contiguous(memory_format=layout)
+    weight._low_precision_copy = ((version, dtype), converted)
+    return converted
+
+
+def low_precision_layout(x: torch.Tensor) -> torch.Tensor:
+    """x in channels-last layout where reduced precision is in force (else x): the convolutions then cast their
+    inputs without transposing them, and the layers between them keep that layout."""
+    if _low_precision(x) is None:
+        return x
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int | tuple = 0) -> torch.Tensor:
+    """``F.conv2d`` / ``F.conv3d`` (by the weight's rank, stride 1), in reduced precision where it is in force:
+    x and the weight rounded to it, channels-last, the result back in float32, channels-last (see
+    ``low_precision_layout``)."""
+    conv = F.conv2d if weight.dim() == 4 else F.conv3d
+    dtype = _low_precision(x)
+    if dtype is None:
+        return conv(x, weight, bias, padding=padding)
+    layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+    low_bias = None if bias is None else bias.to(dtype)
+    out = conv(x.to(dtype, memory_format=layout), _low_precision_weight(weight, dtype), low_bias, padding=padding)
+    return out.float()
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,14 +120,14 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k = weight.shape[-1]
     if (k == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.shape[-1] >= 16 and x.shape[-2] >= 16 and not torch.is_grad_enabled()
-            and _FAST_PATHS.get() and _nnpack_ready()):
+            and _FAST_PATHS.get() and _nnpack_ready() and _low_precision(x) is None):
         if bias is None:
             bias = weight.new_zeros(weight.shape[0])
         weight = weight.contiguous()
         outs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1])
                 for i in range(x.shape[0])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return F.conv2d(x, weight, bias, padding=k // 2)
+    return convolve(x, weight, bias, padding=k // 2)
 
 
 # 3-D convolutions at least this wide (H and W) and with this many input channels go through NNPACK slice by
@@ -83,8 +150,8 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     b, _, d, h, w = x.shape
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
             and w >= NNPACK_3D_MIN_SIZE and x.shape[1] >= NNPACK_3D_MIN_CHANNELS and not torch.is_grad_enabled()
-            and _FAST_PATHS.get() and _nnpack_ready()):
-        return F.conv3d(x, weight, bias, padding=k // 2)
+            and _FAST_PATHS.get() and _nnpack_ready() and _low_precision(x) is None):
+        return convolve(x, weight, bias, padding=k // 2)
     c_out, pad = weight.shape[0], k // 2
     if stacked_weight is None:
         stacked_weight = stack_depth_taps(weight)
@@ -192,7 +259,7 @@ class UpsampledConv3x3:
         out = x.new_empty(b, c_out, h, s, w, s)  # (B, C, H, s, W, s) viewed as (B, C, H*s, W*s) at the end
         for (oy, ny, ox, nx), members, kernel, bias in self.groups:
             window = x_pad[:, :, 1 + oy:1 + oy + h + ny - 1, 1 + ox:1 + ox + w + nx - 1]
-            result = F.conv2d(window, kernel, bias).view(b, len(members), c_out, h, w)
+            result = convolve(window, kernel, bias).reshape(b, len(members), c_out, h, w)
             for m, (py, px) in enumerate(members):
                 out[:, :, :, py, :, px] = result[:, m]
         return out.view(b, c_out, h * s, w * s)
