@@ -323,8 +323,8 @@ class FaceRenderer:
             kp_canonical = source.kp_canonical.expand(stop - first, -1, -1)
             out[first:stop] = transform_keypoints(kp_canonical, motion, *overrides).float().cpu()
 
-    def frames(self, inputs: RenderInputs, batch_size: int = 1, start: int = 0,
-               workers: int = 1) -> Iterator[np.ndarray]:
+    def frames(self, inputs: RenderInputs, batch_size: int = 1, start: int = 0, workers: int = 1,
+               frames_per_call: int | None = None) -> Iterator[np.ndarray]:
         """Render frames ``start`` .. N-1 in video order, one (S, S, 3) float32 image in [0, 1] at a time.
 
         ``batch_size`` consecutive frames go through the networks together (pays on a GPU, not on a CPU); it is
@@ -332,17 +332,27 @@ class FaceRenderer:
         frames at once, each in its own thread with one CPU thread: on a CPU the generator's layers are too small
         to keep several cores busy, so frames side by side finish sooner than one frame on all cores (at most
         ``workers`` frames are in flight, ~0.7 GB each at 256; frames still come out in order; keypoints still
-        come from MappingNet on ``batch_size`` rows). Stop iterating to cancel.
+        come from MappingNet on ``batch_size`` rows). ``frames_per_call`` (one worker only; default
+        ``batch_size``): frames per generator call, e.g. a batch measured to fill a GPU (``render_plan``); the
+        keypoints still come from MappingNet on ``batch_size`` rows. Stop iterating to cancel.
         """
         _check_batch_size(batch_size)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        per_call = batch_size if frames_per_call is None else frames_per_call
+        _check_batch_size(per_call)
         source = self._prepare_source(inputs, batch_size, with_features=True)
         groups = [range(first, min(first + batch_size, inputs.num_frames))
                   for first in range(start, inputs.num_frames, batch_size)]
         if workers == 1 or len(groups) < 2:
-            for indices in groups:
-                yield from self._render_group(source, self._group_keypoints(inputs, source, indices, batch_size))
+            pending: list[torch.Tensor] = []  # driving keypoints of frames not rendered yet, in order
+            for number, indices in enumerate(groups):
+                pending.append(self._group_keypoints(inputs, source, indices, batch_size))
+                last = number == len(groups) - 1
+                while pending and (last or sum(len(kp) for kp in pending) >= per_call):
+                    kp_driving = torch.cat(pending) if len(pending) > 1 else pending[0]
+                    yield from self._render_group(source, kp_driving[:per_call])
+                    pending = [kp_driving[per_call:]] if len(kp_driving) > per_call else []
             return
         yield from self._render_concurrently(inputs, source, groups, batch_size, workers)
 
