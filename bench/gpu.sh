@@ -17,7 +17,7 @@ fi
 PY=.venv/bin/python
 if [ "${1:-}" = "--device" ] && [ "${2:-}" = "cpu" ]; then
   for dtype in float32 bfloat16; do
-    "$PY" bench/gpu_render.py --device cpu --size 128 --seconds 0.12 --dtype "$dtype"
+    "$PY" -m bench.gpu_render --device cpu --size 128 --seconds 0.12 --dtype "$dtype"
   done
   exit 0
 fi
@@ -30,6 +30,6 @@ print(f"gpu={p.name} memory_gb={p.total_memory / 2**30:.0f} torch={torch.__versi
 PY
 for size in 256 512; do
   for dtype in float32 float16; do
-    "$PY" bench/gpu_render.py --device cuda --size "$size" --dtype "$dtype" --seconds 10
+    "$PY" -m bench.gpu_render --device cuda --size "$size" --dtype "$dtype" --seconds 10
   done
 done

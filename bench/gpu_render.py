@@ -1,7 +1,7 @@
 """The face renderer on a GPU: throughput, latency to the first frames, peak memory, real time or not.
 
-    python bench/gpu_render.py --size 256 --dtype float16 [--seconds 10] [--device cuda]
-    python bench/gpu_render.py --device cpu --size 128 --seconds 0.2   # smoke test of this code path on a CPU
+    python -m bench.gpu_render --size 256 --dtype float16 [--seconds 10] [--device cuda]
+    python -m bench.gpu_render --device cpu --size 128 --seconds 0.2   # smoke test of this code path on a CPU
 
 Synthetic weights (speed does not depend on the values). For one size and precision it prints one line:
 
@@ -16,12 +16,7 @@ Synthetic weights (speed does not depend on the values). For one size and precis
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: bench/ itself must not shadow the standard library (bench/queue.py)
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
 

@@ -1,6 +1,6 @@
 """Speed of our face renderer on synthetic weights, side by side with the official code (CPU by default).
 
-    python bench/render_speed.py --size 256 --frames 8 --threads 2 --compare --official-dir /tmp/official-sadtalker \
+    python -m bench.render_speed --size 256 --frames 8 --threads 2 --compare --official-dir /tmp/official-sadtalker \
         --dtype float32 bfloat16
 
 Times what the official ``make_animation`` does for a clip (canonical keypoints once, then MappingNet + keypoint
@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import site
 import statistics
 import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: bench/ itself must not shadow the standard library (bench/queue.py)
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np
 import torch
@@ -74,8 +72,7 @@ def _official_modules(official_dir: str):
     if not os.path.isdir(os.path.join(root, "src", "facerender", "modules")):
         raise SystemExit(f"--official-dir {official_dir!r} has no src/facerender/modules (an export of "
                          "OpenTalker/SadTalker is expected)")
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    site.addsitedir(root)  # the official code imports itself as the top-level package ``src``
     try:
         import tqdm  # noqa: F401
     except ImportError:

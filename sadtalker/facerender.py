@@ -216,7 +216,7 @@ class FaceRenderer:
     ``precision``: None renders in the networks' own dtype; ``torch.bfloat16`` (CPUs with bf16 instructions) or
     ``torch.float16`` (GPUs) runs the generator's per-frame convolutions in that type and all the rest in float32
     (``models.fast_conv``): faster, not faithful to the last bits (its error is measured by
-    ``bench/precision_error.py``). Keypoints and the source encoding stay in the networks' dtype.
+    ``tests/precision_error.py``). Keypoints and the source encoding stay in the networks' dtype.
     """
 
     def __init__(self, kp_extractor: KeypointDetector, generator: OcclusionAwareSPADEGenerator,

@@ -1,6 +1,8 @@
 """Error of the reduced-precision renderer against float32, on the golden whole-render cases.
 
-    python bench/precision_error.py [--dtype bfloat16] [--threads 2]
+    .venv/bin/python tests/precision_error.py [--dtype bfloat16] [--threads 2]
+
+(A measurement, not a test: it lives beside the golden helpers it uses, which benches may not import.)
 
 For every ``render_*`` golden case in ``$SADTALKER_GOLDEN_DIR`` (default ``tests/golden``) the clip is rendered by
 our renderer in float32 and with ``--dtype`` convolutions (``FaceRenderer(precision=...)``), from the synthetic
@@ -17,10 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # run as a script: bench/ itself must not shadow the standard library (bench/queue.py)
-    sys.path[0] = str(ROOT)
-sys.path.insert(1, str(ROOT / "tests"))  # the golden cases' helpers (support.golden*)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the project (this file's folder is tests/)
 
 import numpy as np
 import torch
