@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .keypoints import transform_keypoints
+from .models.fast_conv import LOW_PRECISION_DTYPES, conv_precision
 from .models.generator import OcclusionAwareSPADEGenerator, SourceFeatures
 from .models.keypoint_detector import KeypointDetector
 from .models.mapping import HeadMotion, MappingNet
@@ -213,10 +214,19 @@ class FaceRenderer:
     """Runs the renderer networks for a clip: keypoints once, then frames one at a time in video order.
 
     Holds loaded networks (and the last source's canonical keypoints), so one instance can serve several jobs.
+
+    ``precision``: None renders in the networks' own dtype; ``torch.bfloat16`` (CPUs with bf16 instructions) or
+    ``torch.float16`` (GPUs) runs the generator's per-frame convolutions in that type and all the rest in float32
+    (``models.fast_conv``): faster, not faithful to the last bits (its error is measured by
+    ``tests/precision_error.py``). Keypoints and the source encoding stay in the networks' dtype.
     """
 
     def __init__(self, kp_extractor: KeypointDetector, generator: OcclusionAwareSPADEGenerator,
-                 mapping_crop: MappingNet, mapping_still: MappingNet | None = None):
+                 mapping_crop: MappingNet, mapping_still: MappingNet | None = None,
+                 precision: torch.dtype | None = None):
+        if precision is not None and precision not in LOW_PRECISION_DTYPES:
+            raise ValueError(f"renderer precision must be one of {LOW_PRECISION_DTYPES} or None, got {precision}")
+        self.precision = precision
         self.kp_extractor = kp_extractor
         self.generator = generator
         self.mappings = {m.first[0].in_channels: m for m in (mapping_crop, mapping_still) if m is not None}
@@ -324,8 +334,8 @@ class FaceRenderer:
         """(B, S, S, 3) float32 frames in [0, 1] for driving keypoints (B, K, 3) of a prepared source."""
         return self._render_group(source, kp_driving.to(self.device, self.dtype))
 
-    def frames(self, inputs: RenderInputs, batch_size: int = 1, start: int = 0,
-               workers: int = 1) -> Iterator[np.ndarray]:
+    def frames(self, inputs: RenderInputs, batch_size: int = 1, start: int = 0, workers: int = 1,
+               frames_per_call: int | None = None) -> Iterator[np.ndarray]:
         """Render frames ``start`` .. N-1 in video order, one (S, S, 3) float32 image in [0, 1] at a time.
 
         ``batch_size`` consecutive frames go through the networks together (pays on a GPU, not on a CPU); it is
@@ -333,17 +343,27 @@ class FaceRenderer:
         frames at once, each in its own thread with one CPU thread: on a CPU the generator's layers are too small
         to keep several cores busy, so frames side by side finish sooner than one frame on all cores (at most
         ``workers`` frames are in flight, ~0.7 GB each at 256; frames still come out in order; keypoints still
-        come from MappingNet on ``batch_size`` rows). Stop iterating to cancel.
+        come from MappingNet on ``batch_size`` rows). ``frames_per_call`` (one worker only; default
+        ``batch_size``): frames per generator call, e.g. a batch measured to fill a GPU (``render_plan``); the
+        keypoints still come from MappingNet on ``batch_size`` rows. Stop iterating to cancel.
         """
         _check_batch_size(batch_size)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        per_call = batch_size if frames_per_call is None else frames_per_call
+        _check_batch_size(per_call)
         source = self._prepare_source(inputs, batch_size, with_features=True)
         groups = [range(first, min(first + batch_size, inputs.num_frames))
                   for first in range(start, inputs.num_frames, batch_size)]
         if workers == 1 or len(groups) < 2:
-            for indices in groups:
-                yield from self._render_group(source, self._group_keypoints(inputs, source, indices, batch_size))
+            pending: list[torch.Tensor] = []  # driving keypoints of frames not rendered yet, in order
+            for number, indices in enumerate(groups):
+                pending.append(self._group_keypoints(inputs, source, indices, batch_size))
+                last = number == len(groups) - 1
+                while pending and (last or sum(len(kp) for kp in pending) >= per_call):
+                    kp_driving = torch.cat(pending) if len(pending) > 1 else pending[0]
+                    yield from self._render_group(source, kp_driving[:per_call])
+                    pending = [kp_driving[per_call:]] if len(kp_driving) > per_call else []
             return
         yield from self._render_concurrently(inputs, source, groups, batch_size, workers)
 
@@ -354,7 +374,7 @@ class FaceRenderer:
 
     def _render_group(self, source: PreparedSource, kp_driving: torch.Tensor) -> np.ndarray:
         """(B, S, S, 3) frames of one group of consecutive frames."""
-        with torch.inference_mode():
+        with torch.inference_mode(), conv_precision(self.precision):
             kp_source = source.kp_source.expand(len(kp_driving), -1, -1)
             images = self.generator.animate(source.features, kp_source, kp_driving)  # (B, 3, S, S)
             return images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, S, S, 3)

@@ -31,12 +31,12 @@ from .keypoint_preview import KeypointPreview
 from core.landmarks import LandmarkDetector, shared_detector
 from .mel import AudioFeatures, audio_features
 from core.options import FPS, Options
+from .models.fast_conv import LOW_PRECISION_DTYPES
 from .preprocess import CropResult, PasteBack, crop_portrait
+from .render_plan import choose_render_plan
 from core.video import optional_mp4_writer
 
 RECON_BATCH = 16  # reference-video frames per ReconNet call
-MAX_RENDER_WORKERS = 4
-FRAME_MEMORY_256 = 0.7 * 2 ** 30  # bytes a 256x256 frame in flight holds on a CPU (measured: bench/sadtalker_live.py)
 # Frames of motion computed first for a long clip's preview (1 + 32k: whole PoseVAE chunks); the last frames of
 # that head are not final (pose smoothing and MappingNet look ahead), so the preview starts with the rest.
 PREVIEW_HEAD_FRAMES = 65
@@ -59,9 +59,15 @@ class SadTalkerPipeline:
 
     def __init__(self, checkpoint_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  detector: LandmarkDetector | None = None):
+        """``dtype``: float32 (faithful), or bfloat16 / float16: the renderer's convolutions in that type (the
+        networks stay float32; see ``FaceRenderer``). bfloat16 on a CPU without bf16 instructions would be
+        emulated (slower than float32), so it falls back to float32 there."""
         self.checkpoint_dir = checkpoint_dir
         self.device = torch.device(device)
+        if dtype == torch.bfloat16 and self.device.type == "cpu" and not cpu_has_bf16():
+            dtype = torch.float32
         self.dtype = dtype
+        self.precision = dtype if dtype in LOW_PRECISION_DTYPES else None
         self.detector = detector or shared_detector(checkpoint_dir)
         self._networks: dict[int, SadTalkerNetworks] = {}
         self._enhancers: dict[tuple[str, str | None], tuple[FaceEnhancer | None, tuple[str, ...]]] = {}
@@ -92,7 +98,7 @@ class SadTalkerPipeline:
     def networks(self, size: int) -> SadTalkerNetworks:
         with self._lock:
             if size not in self._networks:
-                self._networks[size] = load_networks(self.checkpoint_dir, size, self.device, self.dtype)
+                self._networks[size] = load_networks(self.checkpoint_dir, size, self.device, torch.float32)
             return self._networks[size]
 
     def _enhancer(self, options: Options) -> tuple[FaceEnhancer | None, tuple[str, ...]]:
@@ -151,7 +157,8 @@ class SadTalkerPipeline:
                 self._video_coefficients(options.ref_pose, features.num_frames, options, nets)
 
         yield Progress("motion", 0, 1, "Predicting expression and head motion from the audio")
-        renderer = FaceRenderer(nets.kp_extractor, nets.generator, nets.mapping_crop, nets.mapping_still)
+        renderer = FaceRenderer(nets.kp_extractor, nets.generator, nets.mapping_crop, nets.mapping_still,
+                                precision=self.precision)
         inputs = yield from self._motion(renderer, nets, source, wav, features, options, ref_eyeblink, ref_pose)
 
         enhancer, warnings = self._enhancer(options)
@@ -211,7 +218,9 @@ class SadTalkerPipeline:
             height, width = enhancer.output_shape((height, width))
         yield Progress("render", 0, num_frames, f"Rendering {num_frames} frames at {options.size}x{options.size}")
         with optional_mp4_writer(options.output, width, height, audio_path=audio, duration_s=duration) as writer:
-            frames = renderer.frames(inputs, batch_size=options.batch_size, workers=self._render_workers(options.size))
+            plan = choose_render_plan(renderer, options.size)
+            frames = renderer.frames(inputs, batch_size=options.batch_size, workers=plan.workers,
+                                     frames_per_call=max(plan.frames_per_call, options.batch_size))
             for index, rendered in enumerate(frames):
                 frame = paste(frame_to_uint8(rendered))
                 if enhancer is not None:
@@ -224,14 +233,6 @@ class SadTalkerPipeline:
                 yield Progress("encode", 0, 1, "Finishing the video")
         yield Done(video_path=options.output, num_frames=num_frames,
                    duration_s=duration, engine=self.name, warnings=warnings)
-
-    def _render_workers(self, size: int) -> int:
-        """Frames rendered side by side: on a CPU one per torch thread (faster than one frame on all threads), at
-        most MAX_RENDER_WORKERS and as many as half the free memory holds (~0.7 GB per 256x256 frame in flight)."""
-        if self.device.type != "cpu":
-            return 1
-        per_frame = FRAME_MEMORY_256 * (size / 256) ** 2
-        return max(1, int(min(torch.get_num_threads(), MAX_RENDER_WORKERS, 0.5 * _free_memory() / per_frame)))
 
     def _frame_landmarks(self, frame: np.ndarray, fallback: np.ndarray) -> np.ndarray:
         """The face's landmarks in an output frame (the head moves a little from the source's position)."""
@@ -293,16 +294,14 @@ def _video_frames(path: str, limit: int) -> Iterator[np.ndarray]:
         reader.close()
 
 
-def _free_memory() -> float:
-    """Bytes of memory available to this process now (physical free + reclaimable on Linux), else all of it."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo (Linux)."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
     except OSError:
         pass
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
+    return False

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Hourglass, keypoint_gaussians, make_coordinate_grid
-from .fast_conv import DerivedTensors, SameConv3d, fast_paths_enabled
+from .fast_conv import DerivedTensors, SameConv3d, convolve, fast_paths_enabled, low_precision_layout
 
 
 class DenseMotion(NamedTuple):
@@ -49,7 +49,7 @@ class DenseMotionNetwork(nn.Module):
         taps_weight = self._derived.get("taps", (conv.weight,), lambda: conv.weight[0].permute(1, 2, 0)
                                         .reshape(k * k, -1, 1, 1).contiguous())  # (k*k, C, 1, 1)
         b, _, h, w = flat.shape
-        taps = F.pad(F.conv2d(flat, taps_weight), (k // 2,) * 4)  # (B, k*k, H + k - 1, W + k - 1)
+        taps = F.pad(convolve(flat, taps_weight, None), (k // 2,) * 4)  # (B, k*k, H + k - 1, W + k - 1)
         out = conv.bias.view(1, 1, 1, 1).expand(b, 1, h, w).clone()
         for i in range(k):
             for j in range(k):
@@ -86,7 +86,7 @@ class DenseMotionNetwork(nn.Module):
         heatmap = torch.cat([heatmap.new_zeros(b, 1, d, h, w), heatmap], dim=1).unsqueeze(2)  # (B, K+1, 1, D, H, W)
         hourglass_in = torch.cat([heatmap, warped], dim=2).view(b, k1 * (c + 1), d, h, w)  # (B, (K+1)*(c+1), D, H, W)
 
-        prediction = self.hourglass(hourglass_in)  # (B, 112, D, H, W)
+        prediction = self.hourglass(low_precision_layout(hourglass_in))  # (B, 112, D, H, W)
         mask = F.softmax(self.mask(prediction), dim=1)  # (B, K+1, D, H, W)
         blend = torch.where(mask < 1e-3, torch.zeros_like(mask), mask)  # tiny weights dropped, not renormalised
         deformation = (sparse_motion * blend.unsqueeze(-1)).sum(dim=1)  # (B, D, H, W, 3)

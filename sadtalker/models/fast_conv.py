@@ -1,9 +1,15 @@
-"""Fast CPU paths for the renderer's convolutions: same results within float32 rounding, fewer seconds per frame.
+"""Fast paths for the renderer's convolutions: same results within float32 rounding, fewer seconds per frame.
 
 Not the paper's layers (those are in ``blocks.py`` and the network files) but how some of them are computed:
 3x3 convolutions through NNPACK's Winograd kernels, 3-D convolutions as NNPACK depth slices, nearest up-sampling
 followed by a 3x3 convolution folded into one smaller convolution per output phase, and caches of tensors derived
 from weights. ``reference_computation()`` switches all of it off (side-by-side checks, speed comparisons).
+
+Reduced precision is opt-in and per layer: within ``conv_precision(torch.bfloat16)`` (or float16 on a GPU) the
+convolutions -- nearly all of the renderer's arithmetic -- take their inputs and weights rounded to that type (oneDNN
+runs them on AMX / AVX-512 BF16 units, in channels-last layout, accumulating in float32) and hand back float32
+activations; everything whose precision matters stays float32: normalisation statistics, softmax, the keypoint
+Gaussians, the sampling grids and ``grid_sample``, pooling, the residual sums.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from torch import nn
 
 
 _FAST_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("fast_paths", default=True)
+_CONV_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("conv_dtype", default=None)
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @contextlib.contextmanager
@@ -34,6 +42,75 @@ def fast_paths_enabled() -> bool:
     return _FAST_PATHS.get()
 
 
+@contextlib.contextmanager
+def conv_precision(dtype: torch.dtype | None):
+    """Within this block (this thread / context) convolutions of float32 activations compute in ``dtype``
+    (``torch.bfloat16`` / ``torch.float16``; None: as the activations). See the module docstring."""
+    if dtype is not None and dtype not in LOW_PRECISION_DTYPES:
+        raise ValueError(f"convolution precision must be one of {LOW_PRECISION_DTYPES} or None, got {dtype}")
+    token = _CONV_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _CONV_DTYPE.reset(token)
+
+
+def _low_precision(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype this convolution of x runs in if not x's own (reduced precision in force, no autograd)."""
+    dtype = _CONV_DTYPE.get()
+    if dtype is None or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    return dtype
+
+
+def _cached_on(weight: torch.Tensor, attribute: str, build, *args):
+    """``build(weight, *args)``, kept on the weight tensor itself until it changes (parameters: their version
+    counter; tensors derived from weights are replaced, not modified, when rebuilt)."""
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor (derived from weights): never modified in place
+        version = -1
+    key = (version, weight.dtype, weight.device, *args)
+    cached = getattr(weight, attribute, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = build(weight, *args)
+    setattr(weight, attribute, (key, value))
+    return value
+
+
+def _to_low_precision(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+    return weight.detach().to(dtype).contiguous(memory_format=layout)
+
+
+def _low_precision_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` rounded to ``dtype`` in channels-last layout (cached on the weight)."""
+    return _cached_on(weight, "_low_precision_copy", _to_low_precision, dtype)
+
+
+def low_precision_layout(x: torch.Tensor) -> torch.Tensor:
+    """x in channels-last layout where reduced precision is in force (else x): the convolutions then cast their
+    inputs without transposing them, and the layers between them keep that layout."""
+    if _low_precision(x) is None:
+        return x
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int | tuple = 0) -> torch.Tensor:
+    """``F.conv2d`` / ``F.conv3d`` (by the weight's rank, stride 1), in reduced precision where it is in force:
+    x and the weight rounded to it, channels-last, the result back in float32, channels-last (see
+    ``low_precision_layout``)."""
+    conv = F.conv2d if weight.dim() == 4 else F.conv3d
+    dtype = _low_precision(x)
+    if dtype is None:
+        return conv(x, weight, bias, padding=padding)
+    layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+    low_bias = None if bias is None else bias.to(dtype)
+    out = conv(x.to(dtype, memory_format=layout), _low_precision_weight(weight, dtype), low_bias, padding=padding)
+    return out.float()
+
+
 @functools.lru_cache(maxsize=1)
 def _nnpack_ready() -> bool:
     # NNPACK must be initialised through _nnpack_available() before its convolution can be called.
@@ -43,24 +120,78 @@ def _nnpack_ready() -> bool:
         return False
 
 
+# Winograd F(4x4, 3x3) (Lavin & Gray 2016, interpolation points 0, +-1, +-2, inf): a 6x6 input tile -> a 4x4 output
+# tile with 36 instead of 144 multiplies per channel pair. Input transform B^T d B, kernel G g G^T, output A^T m A.
+_WINOGRAD_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+               (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+# Up to this size (H and W) Winograd F(4x4) through MKL's GEMM beats NNPACK on AVX-512 CPUs (~1.7x at 64x64);
+# on larger maps its transforms cost more than they save.
+WINOGRAD_MAX_SIZE = 64
+
+
+@functools.lru_cache(maxsize=8)
+def _winograd_transforms(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    bt = torch.tensor(_WINOGRAD_BT, dtype=torch.float64)
+    at = torch.tensor(_WINOGRAD_AT, dtype=torch.float64)
+    # on a flattened 6x6 tile (row-major): kron(B^T, B^T) . vec(d) = vec(B^T d B)
+    return (torch.kron(bt, bt).float().to(device), torch.kron(at, at).float().to(device))  # (36, 36), (16, 36)
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (36, C_out, C_in): G g G^T of every kernel, computed in float64."""
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ik,ockl,jl->ijoc", g, weight.detach().double(), g)  # (6, 6, C_out, C_in)
+    return u.reshape(36, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+
+
+def winograd_conv3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Stride-1 3x3 convolution with zero padding 1 by Winograd F(4x4, 3x3): three big matrix products.
+
+    x (B, C, H, W); ``transformed_weight`` from ``winograd_weight``. Within ~1e-5 relative of the direct
+    convolution per layer (measured: 6.5e-6 for 512 channels; NNPACK's F(6x6) 1.1e-5).
+    """
+    b, c, h, w = x.shape
+    th, tw = -(-h // 4), -(-w // 4)
+    tiles = b * th * tw
+    kb, ka = _winograd_transforms(x.device)
+    padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h))  # (B, C, 4*th + 2, 4*tw + 2)
+    d = padded.unfold(2, 6, 4).unfold(3, 6, 4)  # (B, C, th, tw, 6, 6): overlapping input tiles
+    d = d.permute(4, 5, 1, 0, 2, 3).reshape(36, c * tiles)  # (36, C * tiles)
+    v = (kb @ d).view(36, c, tiles)  # B^T d B of every tile and channel
+    m = torch.bmm(transformed_weight, v)  # (36, C_out, tiles): the products, summed over C
+    c_out = m.shape[1]
+    y = (ka @ m.view(36, c_out * tiles)).view(4, 4, c_out, b, th, tw)  # A^T m A
+    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, c_out, th * 4, tw * 4)[:, :, :h, :w]
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y.contiguous()
+
+
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stride-1 convolution with 'same' zero padding (odd square kernel).
 
-    On CPU in float32 (no autograd) 3x3 kernels go through NNPACK's Winograd convolution, about 1.5-2x faster than
-    the direct one on AVX2 CPUs and within ~2e-5 relative of it per layer; elsewhere plain ``F.conv2d``.
-    NNPACK's batched path is slow, so a batch is convolved one sample at a time.
+    On CPU in float32 (no autograd) 3x3 kernels go through Winograd convolutions: our F(4x4, 3x3) on maps up to
+    WINOGRAD_MAX_SIZE, NNPACK's on larger ones (both about 1.5-2x faster than the direct one and within ~1e-5
+    relative of it per layer); elsewhere plain ``F.conv2d``. NNPACK's batched path is slow, so a batch is
+    convolved one sample at a time.
     """
     k = weight.shape[-1]
-    if (k == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    fast = (k == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.shape[-1] >= 16 and x.shape[-2] >= 16 and not torch.is_grad_enabled()
-            and _FAST_PATHS.get() and _nnpack_ready()):
+            and _FAST_PATHS.get() and _low_precision(x) is None)
+    if fast and max(x.shape[-2:]) <= WINOGRAD_MAX_SIZE:
+        return winograd_conv3x3(x, _cached_on(weight, "_winograd_copy", winograd_weight), bias)
+    if fast and _nnpack_ready():
         if bias is None:
             bias = weight.new_zeros(weight.shape[0])
         weight = weight.contiguous()
         outs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1])
                 for i in range(x.shape[0])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return F.conv2d(x, weight, bias, padding=k // 2)
+    return convolve(x, weight, bias, padding=k // 2)
 
 
 # 3-D convolutions at least this wide (H and W) and with this many input channels go through NNPACK slice by
@@ -83,8 +214,8 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     b, _, d, h, w = x.shape
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
             and w >= NNPACK_3D_MIN_SIZE and x.shape[1] >= NNPACK_3D_MIN_CHANNELS and not torch.is_grad_enabled()
-            and _FAST_PATHS.get() and _nnpack_ready()):
-        return F.conv3d(x, weight, bias, padding=k // 2)
+            and _FAST_PATHS.get() and _nnpack_ready() and _low_precision(x) is None):
+        return convolve(x, weight, bias, padding=k // 2)
     c_out, pad = weight.shape[0], k // 2
     if stacked_weight is None:
         stacked_weight = stack_depth_taps(weight)
@@ -192,7 +323,7 @@ class UpsampledConv3x3:
         out = x.new_empty(b, c_out, h, s, w, s)  # (B, C, H, s, W, s) viewed as (B, C, H*s, W*s) at the end
         for (oy, ny, ox, nx), members, kernel, bias in self.groups:
             window = x_pad[:, :, 1 + oy:1 + oy + h + ny - 1, 1 + ox:1 + ox + w + nx - 1]
-            result = F.conv2d(window, kernel, bias).view(b, len(members), c_out, h, w)
+            result = convolve(window, kernel, bias).reshape(b, len(members), c_out, h, w)
             for m, (py, px) in enumerate(members):
                 out[:, :, :, py, :, px] = result[:, m]
         return out.view(b, c_out, h * s, w * s)

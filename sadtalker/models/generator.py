@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import DownBlock2d, ResBlock3d, SameBlock2d, SPADEResnetBlock
-from .fast_conv import DerivedTensors, SameConv2d, UpsampledConv3x3, conv2d_same, fast_paths_enabled
+from .fast_conv import (DerivedTensors, SameConv2d, UpsampledConv3x3, conv2d_same, conv_precision, fast_paths_enabled,
+                        low_precision_layout)
 from .dense_motion import DenseMotionNetwork
 
 DENSE_MOTION_PARAMS = dict(block_expansion=32, max_features=1024, num_blocks=5, reshape_depth=16, compress=4)
@@ -92,7 +93,7 @@ class SPADEDecoder(nn.Module):
         return maps
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        segmap = feature  # (B, 256, h, w)
+        segmap = low_precision_layout(feature)  # (B, 256, h, w)
         hidden = self.hidden_maps(segmap) if fast_paths_enabled() else [None] * len(self.stages())
         x = self.fc(feature)  # (B, 512, h, w)
         for index, (block, scale) in enumerate(self.stages()):
@@ -125,7 +126,7 @@ class OcclusionAwareSPADEGenerator(nn.Module):
             self.resblocks_3d.add_module(f"3dr{i}", ResBlock3d(reshape_channel, kernel_size=3))
         decoder_in = block_expansion * 2 ** num_down_blocks
         self.third = SameBlock2d(max_features, decoder_in, kernel_size=3, lrelu=True)
-        self.fourth = nn.Conv2d(decoder_in, decoder_in, kernel_size=1)
+        self.fourth = SameConv2d(decoder_in, decoder_in, kernel_size=1)
         self.decoder = SPADEDecoder(in_channels=decoder_in)
 
     def encode_source(self, source_image: torch.Tensor) -> SourceFeatures:
@@ -150,7 +151,8 @@ class OcclusionAwareSPADEGenerator(nn.Module):
         volume = source.volume.expand(b, -1, -1, -1, -1)
         warped = F.grid_sample(volume, motion.deformation, align_corners=False)  # (B, 32, 16, h, w)
         _, c, d, h, w = warped.shape
-        out = self.fourth(self.third(warped.reshape(b, c * d, h, w)))  # (B, 512, h, w) -> (B, 256, h, w)
+        with conv_precision(None):  # the decoder's input and every SPADE's label map: kept float32 (cheap here)
+            out = self.fourth(self.third(warped.reshape(b, c * d, h, w)))  # (B, 512, h, w) -> (B, 256, h, w)
         occlusion_map = motion.occlusion_map
         if occlusion_map is not None:
             if occlusion_map.shape[2:] != out.shape[2:]:
