@@ -57,14 +57,26 @@ def choose_engine(requested: str, checkpoint_dir: str) -> EngineChoice:
     return EngineChoice("lite", f"Lite — {unavailable}", False)
 
 
-_engines: dict[tuple[str, str, str], Engine] = {}
+_engines: dict[tuple[str, str, str, str], Engine] = {}
 _engines_lock = threading.Lock()
+DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+_dtype = "auto"  # the SadTalker renderer's precision in this process (app.py --dtype)
+
+
+def set_dtype(dtype: str) -> None:
+    """The SadTalker renderer's precision for engines loaded from now on: ``auto`` (float16 on a GPU, float32 on a
+    CPU), ``float32`` (faithful to the official code), or ``bfloat16`` / ``float16`` (faster convolutions, about a
+    grey level of difference on average; bfloat16 needs a CPU with bf16 instructions, else float32 runs)."""
+    global _dtype
+    if dtype not in DTYPE_CHOICES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {dtype!r}).")
+    _dtype = dtype
 
 
 def load_engine(name: EngineName, checkpoint_dir: str, device: str = "cpu") -> Engine:
     """The process-wide instance of an engine (models load on the first call only). Both engines share the
     landmark detector of ``checkpoint_dir`` with the idle animation (``shared_detector``)."""
-    key = (name, os.path.abspath(checkpoint_dir), device)
+    key = (name, os.path.abspath(checkpoint_dir), device, _dtype)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
@@ -77,7 +89,11 @@ def load_engine(name: EngineName, checkpoint_dir: str, device: str = "cpu") -> E
             else:
                 from sadtalker.pipeline import SadTalkerPipeline
 
-                engine = SadTalkerPipeline.from_checkpoints(checkpoint_dir, device=device, detector=detector)
+                import torch
+
+                dtype = None if _dtype == "auto" else getattr(torch, _dtype)
+                engine = SadTalkerPipeline.from_checkpoints(checkpoint_dir, device=device, dtype=dtype,
+                                                            detector=detector)
             _engines[key] = engine
         return engine
 

@@ -311,3 +311,17 @@ def test_renderer_uses_the_73_channel_mapping_for_full():
     assert len(frames) == 3
     with pytest.raises(ValueError, match="no MappingNet for 73"):
         next(FaceRenderer(kp, generator, mapping).frames(inputs))
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
+def test_reduced_precision_renders_close_to_float32_and_keeps_the_networks_float32(precision):
+    kp, generator, mapping, mapping_still = _tiny_networks()
+    inputs = _clip(3, input_yaw=[-10, 10])
+    exact = np.stack(list(FaceRenderer(kp, generator, mapping, mapping_still).frames(inputs)))
+    reduced = np.stack(list(FaceRenderer(kp, generator, mapping, mapping_still, precision=precision).frames(inputs)))
+    error = np.abs(reduced - exact) / np.abs(exact).max()
+    assert reduced.dtype == np.float32 and error.mean() < 1e-2, error.mean()  # ~a grey level, as on real weights
+    assert error.mean() > 0  # the convolutions really ran in reduced precision
+    assert all(p.dtype == torch.float32 for net in (kp, generator, mapping) for p in net.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        FaceRenderer(kp, generator, mapping, precision=torch.float64)
