@@ -9,8 +9,9 @@ lives. At each tick it
 2. asks the motion for this tick's pose — with the cues of the speech frame given to this tick and of the frames
    after it (a bounded look-ahead), or none: idle, a pause between utterances, or an underrun (speech that did not
    arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
-3. renders the frame and hands it, with the tick's 640 samples of sound (silence when none), to the session's live
-   stream (the WebSocket viewers, and the encoded outputs: WebRTC, HLS, RTMP) and to its recording.
+3. renders the frame (a tick ahead of its time, so that a hiccup of up to a tick delays nothing) and, at its time,
+   hands it with the tick's 640 samples of sound (silence when none) to the session's live stream (the WebSocket
+   viewers, and the encoded outputs: WebRTC, HLS, RTMP) and to its recording.
 
 Speech comes in as chunks (any audio file ffmpeg decodes, raw PCM, text through the offline TTS, the viewer's
 microphone over the WebSocket); a chunk marked final ends an utterance. Nothing grows with the session's age but the
@@ -55,6 +56,7 @@ START_LEAD_TICKS = 4
 MAX_LEAD_TICKS = 10
 PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
+RENDER_AHEAD_S = TICK_S  # a frame is made a tick before its time and sent at its time: a hiccup of a tick is absorbed
 MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
 
 SessionState = Literal["idle", "speaking", "closed"]
@@ -401,41 +403,50 @@ class Session:
     def _run(self) -> None:
         tick = 0
         try:
-            while not self._stop.is_set():
-                target = self.clock.monotonic(tick * TICK_S)
-                delay = target - time.monotonic()
-                if delay > 0:
-                    self._stop.wait(delay)
-                    if self._stop.is_set():
-                        break
-                behind = int((time.monotonic() - target) / TICK_S)
+            while self._sleep_until(self.clock.monotonic(tick * TICK_S) - RENDER_AHEAD_S):
+                behind = int((time.monotonic() - self.clock.monotonic(tick * TICK_S)) / TICK_S)
                 if behind >= 1:  # a whole frame behind (a busy CPU): skip ticks rather than burst to catch up
                     self._skip(tick, behind)
                     tick += behind
-                self._tick(tick)
+                shown = self._make(tick)
+                if not self._sleep_until(self.clock.monotonic(tick * TICK_S)):
+                    break
+                self._show(*shown)
                 tick += 1
         except Exception:
             log.exception("session %s: the live stream failed", self.id)
             self._status("error", "The live stream failed; see the server log.")
 
-    def _tick(self, tick: int) -> None:
+    def _sleep_until(self, when: float) -> bool:
+        """Wait until ``when`` (monotonic seconds); False if the session was closed meanwhile."""
+        delay = when - time.monotonic()
+        if delay > 0:
+            self._stop.wait(delay)
+        return not self._stop.is_set()
+
+    def _make(self, tick: int) -> tuple:
+        """The frame of ``tick`` with its sound: the arguments of ``_send``."""
         t = tick * TICK_S
         self._schedule_speech(tick)
         speech = self._scheduled.pop(tick, None)
         speaking = speech is not None
+        if not speaking and self._speaking and self.speech.pending():
+            self.stats.underruns += 1
+            self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
+        started = time.perf_counter()
+        rgb = self._face.frame(t, speech)
+        self.stats.render_s += time.perf_counter() - started
+        return tick, t, rgb, None if speech is None else speech.pcm, speaking
+
+    def _show(self, tick: int, t: float, rgb: np.ndarray, pcm: np.ndarray | None, speaking: bool) -> None:
+        """At the tick's time: the state follows what is shown, the frame goes out, finished utterances are told."""
         if speaking != self._speaking:
             self._speaking = speaking
             self._status("speaking" if speaking else "listening",
                          "Speaking" if speaking else "Live: waiting for speech")
-            if not speaking and self.speech.pending():
-                self.stats.underruns += 1
-                self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
-        started = time.perf_counter()
-        rgb = self._face.frame(t, speech)
-        self.stats.render_s += time.perf_counter() - started
         if speaking:
             self.stats.speech_frames += 1
-        self._send(tick, t, rgb, None if speech is None else speech.pcm, "final" if speaking else "idle")
+        self._send(tick, t, rgb, pcm, "final" if speaking else "idle")
         self._spoken_through(tick)
 
     def _schedule_speech(self, tick: int) -> None:
@@ -579,7 +590,7 @@ class SessionManager:
 
     def delete(self, session_id: str) -> bool:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
+            session = self._sessions.get(session_id)
         if session is None:
             return False
         session.close()
@@ -587,6 +598,8 @@ class SessionManager:
             self.hub.close(session_id)
         if session.folder:
             shutil.rmtree(session.folder, ignore_errors=True)
+        with self._lock:  # gone (404) only once nothing of it is left
+            self._sessions.pop(session_id, None)
         return True
 
     def all(self) -> list[Session]:
