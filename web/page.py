@@ -229,6 +229,9 @@ def live_avatar_tab(sessions, viewer_token: str | None = None) -> None:
                         "HTTP API (README).")
             portrait = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"], height=260,
                                 elem_id="live-portrait")
+            engine = gr.Radio(["lite", "sadtalker"], value=defaults.engine, label="Engine", elem_id="live-engine",
+                              info="lite = weight-free and light; sadtalker = SadTalker's own motion (needs its "
+                                   "weights)")
             size = gr.Radio([256, 512], value=defaults.size, label="Size (pixels)")
             framing = gr.Radio(["crop", "full"], value=defaults.preprocess, label="Framing",
                                info="crop = the face, full = the whole portrait")
@@ -240,15 +243,16 @@ def live_avatar_tab(sessions, viewer_token: str | None = None) -> None:
             player = gr.HTML(elem_id="live-session")
     state = gr.State(None)
 
-    def start_session(image, size_value, framing_value, current):
+    def start_session(image, engine_value, size_value, framing_value, current):
         if current:
             sessions.delete(current)
         try:
-            session = sessions.create(_uploaded_path(image) or "",
-                                      SessionOptions(size=int(size_value), preprocess=framing_value))
+            session = sessions.create(_uploaded_path(image) or "", SessionOptions(
+                engine=engine_value, size=int(size_value), preprocess=framing_value).check())
         except SadTalkerError as exc:
             raise gr.Error(str(exc), title="Cannot start") from None
-        return (live_player_html(session.id, viewer_token), f"Live session `{session.id}` — talk, type or drop a file in the "
+        return (live_player_html(session.id, viewer_token),
+                f"Live session `{session.id}` ({engine_value}: {session.describe()['renderer_note']}) — talk, type or drop a file in the "
                 f"player. API: `/api/sessions/{session.id}`.", session.id)
 
     def end_session(current):
@@ -256,7 +260,7 @@ def live_avatar_tab(sessions, viewer_token: str | None = None) -> None:
             sessions.delete(current)
         return live_player_html(None, empty=True), "Ended.", None
 
-    start.click(start_session, inputs=[portrait, size, framing, state], outputs=[player, note, state],
+    start.click(start_session, inputs=[portrait, engine, size, framing, state], outputs=[player, note, state],
                 api_visibility="private", preprocess=False, concurrency_limit=4)
     end.click(end_session, inputs=[state], outputs=[player, note, state], api_visibility="private")
 

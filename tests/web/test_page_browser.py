@@ -7,6 +7,8 @@ import json
 import os
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -176,4 +178,34 @@ def test_the_reason_of_an_error_stays_on_the_progress_line(browser, running_app,
         close.click()
     page.wait_for_function("() => !document.querySelector('.toast-body')", timeout=10000)
     assert progress_text(page) == reason and "face" in reason.lower()
+    page.close()
+
+
+def test_the_live_tab_starts_a_session_that_plays_in_the_page_and_refuses_sadtalker_without_weights(
+        browser, running_app):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(running_app.url)
+    page.get_by_role("tab", name="Live avatar").click()
+    page.locator("#live-portrait input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+    page.locator("#live-portrait img").first.wait_for(timeout=15000)
+    page.locator("#live-engine").get_by_label("sadtalker").check()  # no weights in this app: a clear refusal, and the page keeps working
+    page.locator("#live-start").click()
+    page.locator(".toast-body.error").first.wait_for(timeout=15000)
+    assert "SadTalker" in page.locator(".toast-body.error").first.text_content()
+    page.locator("#live-engine").get_by_label("lite").check()
+    page.locator("#live-start").click()
+    page.wait_for_function("() => { const f = document.querySelector('#live-session iframe');"
+                           " return f && f.dataset.job; }", timeout=30000)
+    session = page.evaluate("() => document.querySelector('#live-session iframe').dataset.job")
+    frame = page.frame_locator("#live-session iframe")
+    page.wait_for_function("() => { const f = document.querySelector('#live-session iframe');"
+                           " const s = f.contentWindow.viewerStats; return s && s.framesDrawn > 25; }", timeout=30000)
+    assert frame.locator("#mic").is_visible()  # a session: the player has the talk panel
+    with urllib.request.urlopen(f"{running_app.url}api/sessions/{session}", timeout=10) as response:
+        assert json.loads(response.read())["state"] in ("idle", "speaking")
+    page.locator("#live-end").click()
+    page.get_by_text("Ended.").wait_for(timeout=15000)
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        urllib.request.urlopen(f"{running_app.url}api/sessions/{session}", timeout=10)
+    assert gone.value.code == 404
     page.close()
