@@ -252,8 +252,8 @@ def live_avatar_tab(sessions, viewer_token: str | None = None) -> None:
         except SadTalkerError as exc:
             raise gr.Error(str(exc), title="Cannot start") from None
         return (live_player_html(session.id, viewer_token),
-                f"Live session `{session.id}` ({engine_value}: {session.describe()['renderer_note']}) — talk, type or drop a file in the "
-                f"player. API: `/api/sessions/{session.id}`.", session.id)
+                f"Live session `{session.id}` ({engine_value}: {session.describe()['renderer_note']}) — talk, type "
+                f"or drop a file in the player. API: `/api/sessions/{session.id}`.", session.id)
 
     def end_session(current):
         if current:

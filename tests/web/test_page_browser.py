@@ -188,7 +188,8 @@ def test_the_live_tab_starts_a_session_that_plays_in_the_page_and_refuses_sadtal
     page.get_by_role("tab", name="Live avatar").click()
     page.locator("#live-portrait input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
     page.locator("#live-portrait img").first.wait_for(timeout=15000)
-    page.locator("#live-engine").get_by_label("sadtalker").check()  # no weights in this app: a clear refusal, and the page keeps working
+    # no weights in this app: a clear refusal, and the page keeps working
+    page.locator("#live-engine").get_by_label("sadtalker").check()
     page.locator("#live-start").click()
     page.locator(".toast-body.error").first.wait_for(timeout=15000)
     assert "SadTalker" in page.locator(".toast-body.error").first.text_content()
