@@ -3,17 +3,13 @@ sends it over the WebSocket, the session speaks it (picture and sound), and the 
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 
 import pytest
-from playwright.sync_api import sync_playwright
 
+from support.browser import chromium
 from support.paths import EXAMPLE_AUDIO, EXAMPLE_IMAGE
-
-CHROMIUM = "/usr/bin/chromium"
-
 
 def api(app, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> dict:
     request = urllib.request.Request(app.url.rstrip("/") + path, data=body, method=method, headers=headers or {})
@@ -36,15 +32,9 @@ def multipart(fields: dict[str, tuple[str, bytes, str] | str]) -> tuple[bytes, s
 
 @pytest.fixture(scope="module")
 def browser_with_a_microphone():
-    assert os.path.exists(CHROMIUM), f"{CHROMIUM} not found: install Chromium (apt-get install chromium) or run .ci/run"
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
-                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                  f"--use-file-for-fake-audio-capture={EXAMPLE_AUDIO}"])
+    with chromium("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                  f"--use-file-for-fake-audio-capture={EXAMPLE_AUDIO}") as instance:
         yield instance
-        instance.close()
 
 
 def test_the_browser_microphone_speaks_through_a_session(running_app, browser_with_a_microphone, artifacts_dir):

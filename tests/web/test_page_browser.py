@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -13,24 +12,16 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import sync_playwright
 from websockets.sync.server import serve
 
 from core.audio import load_audio, write_wav
+from support.browser import chromium
 from support.paths import EXAMPLE_AUDIO, EXAMPLE_IMAGE, ROOT
-
-CHROMIUM = "/usr/bin/chromium"
-
 
 @pytest.fixture(scope="module")
 def browser():
-    assert os.path.exists(CHROMIUM), f"{CHROMIUM} not found: install Chromium (apt-get install chromium) or run .ci/run"
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                    "--autoplay-policy=no-user-gesture-required"])
+    with chromium() as instance:
         yield instance
-        instance.close()
 
 
 # ----------------------------------------------------------------------------------------------- a hostile server

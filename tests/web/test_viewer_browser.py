@@ -5,27 +5,19 @@ Web Audio and the viewer's clocks (``window.liveStats``) say how well picture an
 Screenshots are kept in tests/artifacts/."""
 from __future__ import annotations
 
-import os
 import time
 import urllib.request
 
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
+from support.browser import chromium
 from support.waiting import wait_until
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
 def browser():
-    # Never skipped: a missing browser is a broken test setup, and CI (.ci/run) installs it.
-    assert os.path.exists(CHROMIUM), f"{CHROMIUM} not found: install Chromium (apt-get install chromium) or run .ci/run"
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                    "--autoplay-policy=no-user-gesture-required"])
+    with chromium() as instance:
         yield instance
-        instance.close()
 
 
 def stats(viewer: Page) -> dict:
