@@ -20,6 +20,7 @@ from core.options import cli_flag, is_angle_path_option, is_path_option, options
 from live.broadcaster import DEFAULT_MAX_VIEWERS
 from live.engines import DTYPE_CHOICES, ENGINE_CHOICES, set_dtype
 from live.job_folders import DEFAULT_KEEP_HOURS, DEFAULT_KEEP_JOBS
+from live.session import single_threaded_opencv
 from sadtalker.checkpoints import DEFAULT_CHECKPOINT_DIR
 
 EXIT_USAGE = 2  # bad input or installation: a one-line message says what to do
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     command = {"render": render, "weights": weights, "worker": worker}.get(args.command, serve)
     if hasattr(args, "dtype"):
         set_dtype(args.dtype)
+    single_threaded_opencv()
     try:
         return command(args)
     except SadTalkerError as exc:

@@ -9,9 +9,15 @@ lives. At each tick it
 2. asks the motion for this tick's pose — with the cues of the speech frame given to this tick and of the frames
    after it (a bounded look-ahead), or none: idle, a pause between utterances, or an underrun (speech that did not
    arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
-3. renders the frame (a tick ahead of its time, so that a hiccup of up to a tick delays nothing) and, at its time,
-   hands it with the tick's 640 samples of sound (silence when none) to the session's live stream (the WebSocket
-   viewers, and the encoded outputs: WebRTC, HLS, RTMP) and to its recording.
+3. renders the frame ahead of its time — a tick ahead, or up to ``MAX_RENDER_AHEAD_TICKS`` while frames take long
+   to make (several sessions share the CPU; the lead follows the slowest recent frames) — and hands it at once,
+   stamped with its time, with the tick's 640 samples of sound (silence when none), to the session's live stream and
+   its recording. As with the sound, the outputs play it at its time: the viewer draws a frame when its speech
+   reaches the frame's ``t``, the encoded outputs (WebRTC, HLS, RTMP) read the stream's timeline a fixed delay
+   behind the clock. So a frame that took long to make is still on time.
+
+A second thread follows the clock: at each tick's time the state (idle/speaking) changes as the frame shown then
+does, and the when-spoken callbacks of utterances whose last frame is shown then are called.
 
 Speech comes in as chunks (any audio file ffmpeg decodes, raw PCM, text through the offline TTS, the viewer's
 microphone over the WebSocket); a chunk marked final ends an utterance. Nothing grows with the session's age but the
@@ -23,6 +29,7 @@ import json
 import logging
 import math
 import os
+import queue
 import secrets
 import shutil
 import threading
@@ -39,7 +46,8 @@ from core.image import load_image
 from core.options import FPS, SAMPLE_RATE
 from preview.streaming import CUE_WINDOW, LOOKAHEAD_FRAMES, Cue, StreamingMotion, cue_of
 
-from .avsink import SAMPLES_PER_TICK, AvSink, recording_args, snapshot_mp4
+from .avsink import (RECORDING_QUEUED_TICKS, RECORDING_VIDEO, SAMPLES_PER_TICK, AvSink,
+                     recording_args, snapshot_mp4)
 from .broadcaster import Broadcaster
 from .clock import StreamClock
 from .speech import to_pcm16
@@ -56,7 +64,9 @@ START_LEAD_TICKS = 4
 MAX_LEAD_TICKS = 10
 PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
-RENDER_AHEAD_S = TICK_S  # a frame is made a tick before its time and sent at its time: a hiccup of a tick is absorbed
+MAX_RENDER_AHEAD_TICKS = 3  # a frame is made at most this many ticks before its time (and sent at its time)
+RENDER_MARGIN_S = 0.010  # the lead covers the slowest of the recent frames plus this
+RECENT_MAKES = 2 * FPS  # frames the lead looks back on
 MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
 
 SessionState = Literal["idle", "speaking", "closed"]
@@ -271,35 +281,43 @@ class LiteFace:
             small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
             self.renderer = FaceWarper(small, np.asarray(points) * (size[0] / width))
         self.renderer.prepare()
+        # A frame's cue is looked at by up to LOOKAHEAD_FRAMES + 1 ticks: computed once per (utterance, frame,
+        # samples at hand), since a look-ahead frame's window can still grow while its speech arrives.
+        self._cue_cache: dict[tuple[int, int, int], Cue] = {}
 
     def frame(self, t: float, speech: SpeechFrame | None) -> np.ndarray:
-        return self.renderer.render(self.motion.step(t, _cues(speech)))
+        return self.renderer.render(self.motion.step(t, self._cues(speech)))
 
     def skip(self, t: float, speech: SpeechFrame | None) -> None:
         """A tick that is not rendered (the CPU fell behind): the motion still moves on, so nothing jumps."""
-        self.motion.step(t, _cues(speech))
+        self.motion.step(t, self._cues(speech))
+
+    def _cues(self, speech: SpeechFrame | None) -> list[Cue]:
+        """The cue of the frame and of the look-ahead frames whose windows are in its context."""
+        if speech is None:
+            return []
+        cues = []
+        for k in range(LOOKAHEAD_FRAMES + 1):
+            start = k * SAMPLES_PER_TICK
+            window = speech.context[start:start + CUE_WINDOW]
+            if k > 0 and window.size < CUE_WINDOW - CONTEXT_BEFORE:
+                break  # this look-ahead frame has not arrived (or the utterance ends before it)
+            if k > 0 and speech.ahead < k * SAMPLES_PER_TICK:
+                break
+            key = (speech.utterance, speech.index + k, window.size)
+            cue = self._cue_cache.get(key)
+            if cue is None:
+                cue = self._cue_cache[key] = cue_of(np.pad(window, (0, CUE_WINDOW - window.size)))
+            cues.append(cue)
+        for key in [key for key in self._cue_cache if key[:2] < (speech.utterance, speech.index)]:
+            del self._cue_cache[key]  # frames already spoken
+        return cues
 
     def scheduled(self, speech: SpeechFrame) -> None:
         """Nothing to prepare: a Lite frame's motion costs a fraction of a millisecond at its tick."""
 
     def close(self) -> None:
         pass
-
-
-def _cues(speech: SpeechFrame | None) -> list[Cue]:
-    """The cue of the frame and of the look-ahead frames whose windows are in its context."""
-    if speech is None:
-        return []
-    cues = []
-    for k in range(LOOKAHEAD_FRAMES + 1):
-        start = k * SAMPLES_PER_TICK
-        window = speech.context[start:start + CUE_WINDOW]
-        if k > 0 and window.size < CUE_WINDOW - CONTEXT_BEFORE:
-            break  # this look-ahead frame has not arrived (or the utterance ends before it)
-        if k > 0 and speech.ahead < k * SAMPLES_PER_TICK:
-            break
-        cues.append(cue_of(np.pad(window, (0, CUE_WINDOW - window.size))))
-    return cues
 
 
 class Session:
@@ -329,28 +347,36 @@ class Session:
             os.makedirs(folder, exist_ok=True)
             self.recording_path = os.path.join(folder, "recording.mp4")
             self._recorder = AvSink(self.width, self.height, recording_args(self.recording_path),
-                                    name=f"recording-{session_id}")
+                                    name=f"recording-{session_id}", video_args=RECORDING_VIDEO,
+                                    max_queued_ticks=RECORDING_QUEUED_TICKS, background=True)
         else:
             self.recording_path = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._scheduled: dict[int, SpeechFrame] = {}  # tick -> the speech frame it shows
         self._when_shown: dict[int, list] = {}  # tick -> callbacks of utterances whose last frame it shows
+        self._when_shown_lock = threading.Lock()
         self._next_speech_tick = 0
         self._lead_ticks = START_LEAD_TICKS
-        self._speaking = False
+        self._made_speaking = False  # the last frame made shows speech (the maker's view)
+        self._speaking = False  # the frame of the tick now shows speech (what viewers see now)
+        self._make_times: deque[float] = deque(maxlen=RECENT_MAKES)
+        self._render_ahead_ticks = 1
+        self._due: queue.SimpleQueue = queue.SimpleQueue()  # (tick, speaking or None) for the state thread
         self._seq = 0
         self._thread = threading.Thread(target=self._run, name=f"session-{session_id}", daemon=True)
+        self._sender = threading.Thread(target=self._run_sender, name=f"session-state-{session_id}", daemon=True)
 
     # ------------------------------------------------------------------------------------------------ control
     def start(self) -> "Session":
         self._status("listening", "Live: waiting for speech")
+        self._sender.start()
         self._thread.start()
         return self
 
     def speak(self, samples: np.ndarray, final: bool = False, when_spoken=None) -> None:
         """Queue speech (16 kHz mono float32); ``final`` ends the utterance. Returns at once; ``when_spoken()`` is
-        called (on the session's thread) once the utterance's last frame has been shown."""
+        called (on the session's state thread) once the utterance's last frame has been shown."""
         if self._stop.is_set():
             raise InputError("This session has ended.")
         self.speech.push(samples, final, when_spoken)
@@ -363,8 +389,10 @@ class Session:
             return
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
+        self._due.put(None)
+        for thread in (self._thread, self._sender):
+            if thread.is_alive():
+                thread.join(10)
         self._face.close()
         if self._recorder is not None:
             self._recorder.close()
@@ -401,21 +429,44 @@ class Session:
 
     # ------------------------------------------------------------------------------------------------ the ticks
     def _run(self) -> None:
+        """The maker: each tick's frame, made and sent ahead of its time, in tick order."""
         tick = 0
         try:
-            while self._sleep_until(self.clock.monotonic(tick * TICK_S) - RENDER_AHEAD_S):
+            while self._sleep_until(self.clock.monotonic((tick - self._render_ahead_ticks) * TICK_S)):
                 behind = int((time.monotonic() - self.clock.monotonic(tick * TICK_S)) / TICK_S)
                 if behind >= 1:  # a whole frame behind (a busy CPU): skip ticks rather than burst to catch up
                     self._skip(tick, behind)
                     tick += behind
-                shown = self._make(tick)
-                if not self._sleep_until(self.clock.monotonic(tick * TICK_S)):
-                    break
-                self._show(*shown)
+                started = time.perf_counter()
+                self._make(tick)
+                self._pace(time.perf_counter() - started)
                 tick += 1
         except Exception:
             log.exception("session %s: the live stream failed", self.id)
             self._status("error", "The live stream failed; see the server log.")
+        finally:
+            self._due.put(None)
+
+    def _pace(self, make_s: float) -> None:
+        """How far ahead the next frames are made: the slowest recent frame plus a margin, in whole ticks."""
+        self._make_times.append(make_s)
+        needed = math.ceil((max(self._make_times) + RENDER_MARGIN_S) / TICK_S)
+        self._render_ahead_ticks = min(MAX_RENDER_AHEAD_TICKS, max(1, needed))
+
+    def _run_sender(self) -> None:
+        """At each tick's time: the state follows what is shown, finished utterances are told."""
+        try:
+            while (item := self._due.get()) is not None:
+                tick, speaking = item
+                if not self._sleep_until(self.clock.monotonic(tick * TICK_S)):
+                    return
+                if speaking is not None and speaking != self._speaking:
+                    self._speaking = speaking
+                    self._status("speaking" if speaking else "listening",
+                                 "Speaking" if speaking else "Live: waiting for speech")
+                self._spoken_through(tick)
+        except Exception:
+            log.exception("session %s: the live stream's state failed", self.id)
 
     def _sleep_until(self, when: float) -> bool:
         """Wait until ``when`` (monotonic seconds); False if the session was closed meanwhile."""
@@ -424,30 +475,23 @@ class Session:
             self._stop.wait(delay)
         return not self._stop.is_set()
 
-    def _make(self, tick: int) -> tuple:
-        """The frame of ``tick`` with its sound: the arguments of ``_send``."""
+    def _make(self, tick: int) -> None:
+        """The frame of ``tick``, with its sound, to the stream and the recording (ahead of its time)."""
         t = tick * TICK_S
         self._schedule_speech(tick)
         speech = self._scheduled.pop(tick, None)
         speaking = speech is not None
-        if not speaking and self._speaking and self.speech.pending():
+        if not speaking and self._made_speaking and self.speech.pending():
             self.stats.underruns += 1
             self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
+        self._made_speaking = speaking
         started = time.perf_counter()
         rgb = self._face.frame(t, speech)
         self.stats.render_s += time.perf_counter() - started
-        return tick, t, rgb, None if speech is None else speech.pcm, speaking
-
-    def _show(self, tick: int, t: float, rgb: np.ndarray, pcm: np.ndarray | None, speaking: bool) -> None:
-        """At the tick's time: the state follows what is shown, the frame goes out, finished utterances are told."""
-        if speaking != self._speaking:
-            self._speaking = speaking
-            self._status("speaking" if speaking else "listening",
-                         "Speaking" if speaking else "Live: waiting for speech")
         if speaking:
             self.stats.speech_frames += 1
-        self._send(tick, t, rgb, pcm, "final" if speaking else "idle")
-        self._spoken_through(tick)
+        self._send(tick, t, rgb, None if speech is None else speech.pcm, "final" if speaking else "idle")
+        self._due.put((tick, speaking))
 
     def _schedule_speech(self, tick: int) -> None:
         """Give the next free ticks (up to AHEAD_S ahead) to the speech that is ready; send its sound now."""
@@ -460,7 +504,8 @@ class Session:
             speech, spoken = self.speech.take()
             if spoken:  # acknowledged when the utterance's last frame (given to a tick already) is shown
                 last = self._next_speech_tick - 1 if speech is None else self._next_speech_tick
-                self._when_shown.setdefault(max(tick, last), []).extend(spoken)
+                with self._when_shown_lock:
+                    self._when_shown.setdefault(max(tick, last), []).extend(spoken)
             if speech is None:
                 break
             if speech.index == 0:
@@ -476,12 +521,14 @@ class Session:
             self._send_sound(piece_start, piece)
 
     def _spoken_through(self, tick: int) -> None:
-        for due in [k for k in self._when_shown if k <= tick]:
-            for callback in self._when_shown.pop(due):
-                try:
-                    callback()
-                except Exception:
-                    log.exception("session %s: a when-spoken callback failed", self.id)
+        with self._when_shown_lock:
+            callbacks = [callback for due in [k for k in self._when_shown if k <= tick]
+                         for callback in self._when_shown.pop(due)]
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("session %s: a when-spoken callback failed", self.id)
 
     def _send_sound(self, first_tick: int, pieces: list[np.ndarray]) -> None:
         self.stream.sound(first_tick * TICK_S, np.concatenate(pieces))
@@ -509,10 +556,20 @@ class Session:
                 self.stats.speech_frames += 1
             if self._recorder is not None:
                 self._recorder.write(self._last_rgb, None if speech is None else speech.pcm)
-            self._spoken_through(skipped)
+            self._due.put((skipped, None))
 
     def _status(self, stage: str, message: str) -> None:
         self.stream.status(stage, message)
+
+
+def single_threaded_opencv() -> None:
+    """OpenCV without its own thread pool, for the whole process (the app calls this at start-up).
+
+    The app's parallelism is its own threads: sessions, engines, encoders, the broadcaster. OpenCV splitting each
+    warp over the cores on top of that only adds hand-offs: with four 512x512 sessions on two cores, its pool cost
+    ~10 % of the CPU and made frames late (``python -m bench.session``). One warp alone takes ~30 % longer.
+    """
+    cv2.setNumThreads(1)
 
 
 class SessionManager:
