@@ -9,8 +9,9 @@ lives. At each tick it
 2. asks the motion for this tick's pose — with the cues of the speech frame given to this tick and of the frames
    after it (a bounded look-ahead), or none: idle, a pause between utterances, or an underrun (speech that did not
    arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
-3. renders the frame ahead of its time — a tick ahead, or up to ``MAX_RENDER_AHEAD_TICKS`` while frames take long
-   to make (several sessions share the CPU; the lead follows the slowest recent frames) — and hands it at once,
+3. renders the frame ahead of its time — by the face's ``render_ahead_ticks`` (min, max): from the least, up to
+   the most while frames take long to make (several sessions share the CPU; the lead follows the slowest recent
+   frames; speech still starts ``START_LEAD_TICKS`` after it arrives, whatever the lead) — and hands it at once,
    stamped with its time, with the tick's 640 samples of sound (silence when none), to the session's live stream and
    its recording. As with the sound, the outputs play it at its time: the viewer draws a frame when its speech
    reaches the frame's ``t``, the encoded outputs (WebRTC, HLS, RTMP) read the stream's timeline a fixed delay
@@ -64,7 +65,6 @@ START_LEAD_TICKS = 4
 MAX_LEAD_TICKS = 10
 PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
-MAX_RENDER_AHEAD_TICKS = 3  # a frame is made at most this many ticks before its time (and sent at its time)
 RENDER_MARGIN_S = 0.010  # the lead covers the slowest of the recent frames plus this
 RECENT_MAKES = 2 * FPS  # frames the lead looks back on
 MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
@@ -260,11 +260,15 @@ class LiteFace:
     A session's face (this, or ``sadtalker.streaming.SadTalkerFace``) has ``frame(t, speech)`` once per tick and
     ``skip(t, speech)`` for a tick that is not rendered, ``scheduled(speech)`` when a speech frame gets its tick,
     ``lookahead_frames`` (speech frames that must have arrived after one before it is spoken), ``context_frames``
-    (how far ahead a frame's context reaches at most), ``renderer_name`` / ``renderer_note`` and ``close()``.
+    (how far ahead a frame's context reaches at most), ``render_ahead_ticks`` (how early its frames are made: the
+    least and the most ticks), ``renderer_name`` / ``renderer_note`` and ``close()``.
     """
 
     lookahead_frames = 0  # a frame can be shown as soon as its cue's window has arrived; look-ahead is a bonus
     context_frames = LOOKAHEAD_FRAMES
+    # Two ticks at least: with several sessions on a small CPU a frame's time to make varies from ~10 to ~80 ms
+    # (bench/session.py); at most START_LEAD_TICKS, so that speech never waits for the lead.
+    render_ahead_ticks = (2, START_LEAD_TICKS)
     renderer_name = "lite"
     renderer_note = "landmark-driven warping"
 
@@ -361,7 +365,7 @@ class Session:
         self._made_speaking = False  # the last frame made shows speech (the maker's view)
         self._speaking = False  # the frame of the tick now shows speech (what viewers see now)
         self._make_times: deque[float] = deque(maxlen=RECENT_MAKES)
-        self._render_ahead_ticks = 1
+        self._render_ahead_ticks = face.render_ahead_ticks[0]
         self._due: queue.SimpleQueue = queue.SimpleQueue()  # (tick, speaking or None) for the state thread
         self._seq = 0
         self._thread = threading.Thread(target=self._run, name=f"session-{session_id}", daemon=True)
@@ -451,7 +455,8 @@ class Session:
         """How far ahead the next frames are made: the slowest recent frame plus a margin, in whole ticks."""
         self._make_times.append(make_s)
         needed = math.ceil((max(self._make_times) + RENDER_MARGIN_S) / TICK_S)
-        self._render_ahead_ticks = min(MAX_RENDER_AHEAD_TICKS, max(1, needed))
+        least, most = self._face.render_ahead_ticks
+        self._render_ahead_ticks = min(most, max(least, needed))
 
     def _run_sender(self) -> None:
         """At each tick's time: the state follows what is shown, finished utterances are told."""
@@ -497,7 +502,9 @@ class Session:
         """Give the next free ticks (up to AHEAD_S ahead) to the speech that is ready; send its sound now."""
         horizon = tick + int(round(AHEAD_S / TICK_S))
         if self._next_speech_tick < tick:  # nothing was scheduled up to now (idle, pause or underrun)
-            self._next_speech_tick = tick + self._lead_ticks
+            # the cushion counts from now, not from the tick being made (which may be a few ticks ahead)
+            now_tick = math.ceil(self.clock.now() / TICK_S)
+            self._next_speech_tick = max(tick, now_tick + self._lead_ticks)
         piece: list[np.ndarray] = []
         piece_start = self._next_speech_tick
         while self._next_speech_tick <= horizon:

@@ -389,6 +389,9 @@ class SadTalkerFace:
     # 192 samples before the frame: 3 frames of look-ahead (120 ms)
     lookahead_frames = -(-(WINDOW_LOOKAHEAD_SAMPLES + 192) // SAMPLES_PER_VIDEO_FRAME)
     context_frames = 10  # audio handed over with each frame (as far as it has arrived): the worker batches it
+    # A tick may wait for the motion worker: a frame made earlier would leave it less time, and a wait would count
+    # as a slow frame and push the lead further. One tick, as the keypoint renderer keeps up on a CPU.
+    render_ahead_ticks = (1, 1)
 
     def __init__(self, pipeline, rgb: np.ndarray, points: np.ndarray, *, size: int,
                  preprocess: Literal["crop", "full"] = "crop", seed: int | None = None, use_blink: bool = True,
