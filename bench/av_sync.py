@@ -8,7 +8,9 @@ once into the temp dir), the portrait and the speech are uploaded in the page, a
 viewer open in its own tab. Printed per run:
 
 * click -> first sound (ms): from the click to the moment the first piece of speech starts to sound in the viewer
-  (its scheduled start on the Web Audio clock, output latency included);
+  (its scheduled start on the Web Audio clock, output latency included); with two steps on the way: the job seen
+  by the viewer (Gradio's share), and the first audio message's arrival (the server's share; the rest is the
+  viewer's play-out delay and the output latency);
 * A/V skew p50 / p95 / max (ms): the viewer's ``liveStats`` — each drawn frame's time minus the speech clock at
   the moment it is drawn;
 * drawn fps during the playback with sound, and frames dropped (late, so not drawn late).
@@ -121,6 +123,7 @@ def one_run(browser, app: App, audio: str, engine: str) -> dict:
     result = {
         "first_sound_ms": first_sound - clicked,
         "job_seen_ms": drawn["job_seen_epoch_ms"] - clicked,
+        "first_audio_ms": drawn["first_audio_epoch_ms"] - clicked,
         "skew_p50": skews[len(skews) // 2] if skews else float("nan"),
         "skew_p95": skews[int(0.95 * (len(skews) - 1))] if skews else float("nan"),
         "skew_max": skews[-1] if skews else float("nan"),
@@ -159,7 +162,8 @@ def main() -> int:
                     runs = [one_run(browser, app, clips[clip], engine) for _ in range(args.repeats)]
                     for run in runs:
                         print(f"{engine:9s} {clip:7s} click->first sound {run['first_sound_ms']:6.0f} ms "
-                              f"(job seen {run['job_seen_ms']:4.0f} ms) | "
+                              f"(job seen {run['job_seen_ms']:4.0f}, first audio message {run['first_audio_ms']:4.0f} ms)"
+                              " | "
                               f"skew p50 {run['skew_p50']:4.0f} p95 {run['skew_p95']:4.0f} max {run['skew_max']:4.0f} ms"
                               f" ({run['frames']} frames) | drawn {run['drawn_fps']:4.1f} fps | "
                               f"dropped {run['dropped']}", flush=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import threading
+from collections import OrderedDict
 
 import imageio_ffmpeg
 import numpy as np
@@ -26,10 +28,14 @@ def load_audio(path: str, max_seconds: float = 300.0, sample_rate: int = SAMPLE_
     """Decode ``path`` to mono float32 at ``sample_rate``.
 
     Raises InputError for a missing, undecodable, empty, shorter than ``min_seconds`` or too long file.
+
+    A file's samples are remembered (the last few, while the file is unchanged), so the app can decode an upload
+    when it arrives and a click finds it decoded: ffmpeg's start and the decoding are then off the path to the first
+    sound. The caller gets its own copy.
     """
     if not path or not os.path.isfile(path):
         raise InputError(f"Audio file {path!r} was not found. Upload a speech recording (wav, mp3, m4a, ogg or flac).")
-    samples = _decode(path, max_seconds, sample_rate)
+    samples = _decode_remembered(path, max_seconds, sample_rate)
     duration = samples.size / sample_rate
     if samples.size < sample_rate // FPS:
         raise InputError(f"The audio is empty (shorter than one video frame). "
@@ -40,6 +46,33 @@ def load_audio(path: str, max_seconds: float = 300.0, sample_rate: int = SAMPLE_
     if duration > max_seconds:
         raise InputError(f"The audio is longer than the limit of {max_seconds:g} s. "
                          "Trim it, or raise the limit (--max-audio-seconds).")
+    return samples
+
+
+DECODED_CACHE_ITEMS = 4
+DECODED_CACHE_BYTES = 64 << 20  # all remembered decodings together, at most (~17 minutes of speech)
+_decoded: "OrderedDict[tuple, tuple[np.ndarray, float]]" = OrderedDict()  # key -> (samples, the limit decoded to)
+_decoded_lock = threading.Lock()
+
+
+def _decode_remembered(path: str, max_seconds: float, sample_rate: int) -> np.ndarray:
+    info = os.stat(path)
+    key = (os.path.realpath(path), info.st_size, info.st_mtime_ns, info.st_ino, sample_rate)
+    with _decoded_lock:
+        entry = _decoded.get(key)
+        if entry is not None:
+            samples, limit = entry
+            # decoded up to a limit at least as high, or the whole file (it ended before that limit)
+            if max_seconds <= limit or samples.size < (limit + 1.0) * sample_rate:
+                _decoded.move_to_end(key)
+                return samples.copy()
+    samples = _decode(path, max_seconds, sample_rate)
+    with _decoded_lock:
+        _decoded[key] = (samples.copy(), max_seconds)
+        _decoded.move_to_end(key)
+        while len(_decoded) > DECODED_CACHE_ITEMS or (
+                len(_decoded) > 1 and sum(s.nbytes for s, _ in _decoded.values()) > DECODED_CACHE_BYTES):
+            _decoded.popitem(last=False)
     return samples
 
 

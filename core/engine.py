@@ -77,5 +77,9 @@ class Engine(Protocol):
     """What the live layer runs: loaded once per process, ``generate`` is safe for concurrent jobs."""
 
     name: str  # "lite" or "sadtalker"
+    # Its motion is ready within a fraction of a second, light on the CPU: a job starts it at once and at full
+    # priority (the live preview waits for that motion), and lowers its priority for the rest (the render).
+    # Otherwise the job lowers it from the start and lets the idle animation reach the screen first.
+    quick_start: bool
 
     def generate(self, image: "str | np.ndarray", audio: str, options: Options) -> Iterator[Event]: ...

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
@@ -31,7 +33,46 @@ _UNREADABLE = (UnidentifiedImageError, OSError, Image.DecompressionBombError, Sy
 def load_image(source: "str | np.ndarray | Image.Image", max_side: int = MAX_SIDE) -> np.ndarray:
     """Return the portrait as contiguous RGB uint8, EXIF-rotated, at most ``max_side`` pixels on its longer side.
 
-    Raises InputError for a missing, unreadable or too large file (the size is checked before decoding)."""
+    Raises InputError for a missing, unreadable or too large file (the size is checked before decoding).
+
+    A file's pixels are remembered (the last few, while the file is unchanged): one click decodes the same upload
+    for the idle animation and for the engine, on the path to the first frame, after the upload was decoded to find
+    the face. The caller gets its own copy.
+    """
+    key = _file_key(source, max_side)
+    if key is not None:
+        with _decoded_lock:
+            cached = _decoded.get(key)
+            if cached is not None:
+                _decoded.move_to_end(key)
+                return cached.copy()
+    rgb = _decode_image(source, max_side)
+    if key is not None and rgb.nbytes <= DECODED_CACHE_BYTES // DECODED_CACHE_ITEMS:
+        with _decoded_lock:
+            _decoded[key] = rgb.copy()
+            while len(_decoded) > DECODED_CACHE_ITEMS:
+                _decoded.popitem(last=False)
+    return rgb
+
+
+DECODED_CACHE_ITEMS = 4
+DECODED_CACHE_BYTES = 64 << 20  # all remembered images together, at most
+_decoded: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_decoded_lock = threading.Lock()
+
+
+def _file_key(source, max_side: int) -> tuple | None:
+    """What identifies a file's decoded pixels: its path, size and modification time (None: not a file)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        info = os.stat(source)
+    except OSError:
+        return None  # missing: decoding says so
+    return os.path.realpath(source), info.st_size, info.st_mtime_ns, info.st_ino, max_side
+
+
+def _decode_image(source: "str | np.ndarray | Image.Image", max_side: int) -> np.ndarray:
     if isinstance(source, np.ndarray):
         image, orientation = Image.fromarray(_as_uint8(source)), None
     elif isinstance(source, Image.Image):

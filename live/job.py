@@ -187,10 +187,13 @@ class Job:
     # ------------------------------------------------------------------------------------------------ engine thread
     def _run_engine(self) -> None:
         # The live stream plays at real time and the engine works in its gaps: this thread (and the encoder it
-        # starts) yields the CPU to the display and the viewers' server when both want it.
-        _lower_this_thread(ENGINE_NICENESS)
-        # Let the idle animation reach the screen before the engine competes for the CPU (bounded head start).
-        self._idle_ready.wait(IDLE_HEAD_START_S)
+        # starts) yields the CPU to the display and the viewers' server when both want it. A quick-start engine's
+        # motion is what the live preview waits for: it runs at once, and yields from its motion on.
+        quick = self.engine.quick_start
+        if not quick:
+            _lower_this_thread(ENGINE_NICENESS)
+            # let the idle animation reach the screen before the engine competes for the CPU (bounded head start)
+            self._idle_ready.wait(IDLE_HEAD_START_S)
         events = None
         try:
             if not self._cancel.is_set():
@@ -199,6 +202,9 @@ class Job:
                     if self._cancel.is_set():
                         break
                     self._on_event(event)
+                    if quick and isinstance(event, MotionReady):
+                        _lower_this_thread(ENGINE_NICENESS)
+                        quick = False
         except SadTalkerError as exc:
             self._fail(str(exc), user_error=True)
         except Exception as exc:  # a bug: keep the traceback in the log, tell the user something useful
@@ -249,6 +255,8 @@ class Job:
             if before_motion and (stage_changed or milestone):
                 self._status(event.stage, event.message or event.stage)
         elif isinstance(event, MotionReady):
+            log.info("job %s: motion ready %.0f ms after the start (%s engine, %d frames)", self.id,
+                     1000 * (now - self.started_at), self.engine.name, event.num_frames)
             with self._cond:
                 first = self._motion is None
                 self._motion = event
@@ -286,15 +294,17 @@ class Job:
 
     # ------------------------------------------------------------------------------------------------ display thread
     def _run_display(self) -> None:
-        idle = None
-        try:
-            idle = self._idle_factory(load_image(self.image_path))
-        except SadTalkerError as exc:  # not an image / no face: the engine would fail the same way, but later
-            self._fail(str(exc), user_error=True)
-            self._cancel.set()
-        except Exception:
-            log.exception("job %s: the idle animation failed; continuing without it", self.id)
-        player = _Player(self, idle)
+        idle, motion_came = None, False
+        if self.engine.quick_start:
+            # Its motion comes within a fraction of a second: wait for it rather than compete with it for the CPU
+            # (the idle animation's set-up decodes the photo and finds the face too); the idle animation is made
+            # only if it is still needed then.
+            with self._cond:
+                self._cond.wait_for(lambda: self._motion is not None or self._stopped_locked(), IDLE_HEAD_START_S)
+                motion_came = self._motion is not None
+        if not motion_came:
+            idle = self._make_idle()
+        player = _Player(self, idle, make_idle_later=motion_came)
         try:
             player.run()
         except Exception:
@@ -306,6 +316,17 @@ class Job:
                 self._playing = False
                 self._version += 1
                 self._cond.notify_all()
+
+    def _make_idle(self):
+        """The idle animation of the photo, or None (the stream then shows nothing until the clip plays)."""
+        try:
+            return self._idle_factory(load_image(self.image_path))
+        except SadTalkerError as exc:  # not an image / no face: the engine would fail the same way, but later
+            self._fail(str(exc), user_error=True)
+            self._cancel.set()
+        except Exception:
+            log.exception("job %s: the idle animation failed; continuing without it", self.id)
+        return None
 
     def _known_locked(self, now: float) -> Known:
         motion = self._motion
@@ -403,8 +424,9 @@ class Job:
 class _Player:
     """The display thread's loop: one tick per frame time, what ``decide`` says, speech a little ahead."""
 
-    def __init__(self, job: Job, idle):
+    def __init__(self, job: Job, idle, make_idle_later: bool = False):
         self.job, self.idle = job, idle
+        self.make_idle_later = make_idle_later
         self.state = State()
         self.feed: SpeechFeed | None = None
         self.pcm: np.ndarray | None = None
@@ -462,6 +484,9 @@ class _Player:
     def _show(self, show: Show, motion: MotionReady | None, latest: Frame | None) -> None:
         job = self.job
         if show.source == "idle":
+            if self.make_idle_later:  # skipped while a quick engine's motion came: needed after all
+                self.make_idle_later = False
+                self.idle = job._make_idle()
             if self.idle is not None:
                 job._show("idle", show.t, self.idle.render(show.t))
                 job._idle_ready.set()

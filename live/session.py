@@ -11,7 +11,7 @@ lives. At each tick it
    arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
 3. renders the frame ahead of its time — by the face's ``render_ahead_ticks`` (min, max): from the least, up to
    the most while frames take long to make (several sessions share the CPU; the lead follows the slowest recent
-   frames; speech still starts ``START_LEAD_TICKS`` after it arrives, whatever the lead) — and hands it at once,
+   frames) — and hands it at once,
    stamped with its time, with the tick's 640 samples of sound (silence when none), to the session's live stream and
    its recording. As with the sound, the outputs play it at its time: the viewer draws a frame when its speech
    reaches the frame's ``t``, the encoded outputs (WebRTC, HLS, RTMP) read the stream's timeline a fixed delay
@@ -266,9 +266,8 @@ class LiteFace:
 
     lookahead_frames = 0  # a frame can be shown as soon as its cue's window has arrived; look-ahead is a bonus
     context_frames = LOOKAHEAD_FRAMES
-    # Two ticks at least: with several sessions on a small CPU a frame's time to make varies from ~10 to ~80 ms
-    # (bench/session.py); at most START_LEAD_TICKS, so that speech never waits for the lead.
-    render_ahead_ticks = (2, START_LEAD_TICKS)
+    # With several sessions on a small CPU a frame's time to make varies from ~10 to ~80 ms (bench/session.py)
+    render_ahead_ticks = (1, 4)
     renderer_name = "lite"
     renderer_note = "landmark-driven warping"
 
@@ -502,9 +501,9 @@ class Session:
         """Give the next free ticks (up to AHEAD_S ahead) to the speech that is ready; send its sound now."""
         horizon = tick + int(round(AHEAD_S / TICK_S))
         if self._next_speech_tick < tick:  # nothing was scheduled up to now (idle, pause or underrun)
-            # the cushion counts from now, not from the tick being made (which may be a few ticks ahead)
-            now_tick = math.ceil(self.clock.now() / TICK_S)
-            self._next_speech_tick = max(tick, now_tick + self._lead_ticks)
+            # the cushion counts from the tick being made: the next chunk must arrive before that tick's frame is
+            # made, and a frame is made up to a few ticks ahead when the CPU is busy (so latency grows with load)
+            self._next_speech_tick = tick + self._lead_ticks
         piece: list[np.ndarray] = []
         piece_start = self._next_speech_tick
         while self._next_speech_tick <= horizon:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from core.audio import MIN_AUDIO_S
+from core.audio import MIN_AUDIO_S, load_audio
 from core.engine import PREVIEW_SIZE
 from core.errors import InputError
 from core.image import load_image
@@ -81,6 +81,12 @@ class Studio:
         idle animation starts at once on the click. Raises InputError (not an image, no face) for early feedback."""
         if image:
             self.idle_animator(load_image(image))
+
+    def prepare_audio(self, audio: str | None) -> None:
+        """Decode a just-uploaded speech clip ahead of Generate (decoded audio is remembered per file), so the click
+        does not wait for ffmpeg. Raises InputError (not audio, too short or too long) for early feedback."""
+        if audio:
+            load_audio(audio, max_seconds=self.max_audio_s, min_seconds=self.min_audio_s)
 
     def idle_animator(self, rgb: np.ndarray) -> IdleAnimator:
         """The idle animation of a portrait, with the landmark detector the engines share."""

@@ -56,6 +56,7 @@ class SadTalkerPipeline:
     """Loads the official networks once; ``generate`` runs one request as a stream of events."""
 
     name = "sadtalker"
+    quick_start = False  # 3DMM fitting and audio-to-coefficient networks come before the motion
 
     def __init__(self, checkpoint_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  detector: LandmarkDetector | None = None):

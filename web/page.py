@@ -127,6 +127,12 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
         except SadTalkerError as exc:
             gr.Warning(str(exc))
 
+    def audio_uploaded(audio):
+        try:
+            studio.prepare_audio(_uploaded_path(audio))
+        except SadTalkerError as exc:
+            gr.Warning(str(exc))
+
     def stop(request: gr.Request = None):
         """Stop this page's job, at once: a running Generate then ends by itself and says so on the progress line
         (not Gradio's ``cancels``: a Generate clicked while a cancelled run is still ending would be lost), and a
@@ -194,6 +200,9 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
         # queued (not queue=False): a warning can only reach the page through the queue's event stream
         image.upload(image_uploaded, inputs=[image], api_visibility="private", preprocess=False,
                      show_progress="hidden", concurrency_limit=4)
+        for arrived in (audio.upload, audio.stop_recording):
+            arrived(audio_uploaded, inputs=[audio], api_visibility="private", preprocess=False,
+                    show_progress="hidden", concurrency_limit=4)
     return demo
 
 

@@ -182,6 +182,38 @@ def test_a_fast_renderer_plays_its_final_frames_once_at_real_time_with_the_speec
     assert job.wait(5) and count_frames(job.snapshot().video_path) == 50
 
 
+def test_a_quick_start_engine_plays_its_motion_at_once_and_the_idle_animation_is_made_only_if_needed(
+        broadcaster, inputs, tmp_path):
+    made = []
+
+    def idle_factory(rgb):
+        made.append(time.monotonic())
+        return ScriptedIdle(rgb)
+
+    viewer = Recorder(broadcaster.url)
+    # its motion comes in 50 ms: the job starts it at once and does not compete with it to make the idle animation
+    engine = ScriptedEngine(final_fps=300, motion_delay_s=0.05, quick_start=True)
+    job_id = new_job_id()
+    out_dir = tmp_path / "outputs" / job_id
+    out_dir.mkdir(parents=True)
+    job = Job(job_id, engine, inputs[0], inputs[1], Options(output=str(out_dir / "video.mp4")), str(out_dir),
+              f"/outputs/{job_id}/video.mp4", broadcaster, idle_animator_factory=idle_factory).start()
+    viewer.wait_for(lambda m: m["type"] == "status" and m["stage"] == "finished", timeout=15)
+    viewer.close()
+    frames = viewer.frames()
+    assert frames and frames[0]["kind"] != "idle" and not made  # the clip's own frames first; no idle was made
+    assert played_once_in_order(frames), [f["code"] for f in frames]
+    assert job.wait(5)
+    # a quick engine whose motion does not come within the head start still gets the idle animation
+    slow = ScriptedEngine(final_fps=300, motion_delay_s=1.0, quick_start=True)
+    viewer = Recorder(broadcaster.url)
+    job = start_job(slow, inputs, broadcaster, tmp_path)
+    viewer.wait_for(lambda m: m["type"] == "status" and m["stage"] == "finished" and m["job"] == job.id, timeout=15)
+    viewer.close()
+    assert [f for f in viewer.frames() if f["job"] == job.id][0]["kind"] == "idle"
+    assert job.wait(5)
+
+
 def test_a_slow_renderer_plays_the_preview_once_then_renders_silently_then_plays_the_video(broadcaster, inputs,
                                                                                            tmp_path):
     viewer = Recorder(broadcaster.url)

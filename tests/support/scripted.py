@@ -50,8 +50,10 @@ class ScriptedIdle:
 class ScriptedEngine:
     def __init__(self, name: str = "lite", num_frames: int | None = None, final_fps: float = 50.0,
                  motion_delay_s: float = 0.1, size: tuple[int, int] = (96, 128), fail_at: int | None = None,
-                 error: Exception | None = None, first_frame_delay_s: float = 0.0, tint: int = 200):
+                 error: Exception | None = None, first_frame_delay_s: float = 0.0, tint: int = 200,
+                 quick_start: bool = False):
         self.name = name
+        self.quick_start = quick_start  # False: the job lets the idle animation reach the screen first
         self.first_frame_delay_s, self.tint = first_frame_delay_s, tint
         self.num_frames, self.final_fps, self.motion_delay_s = num_frames, final_fps, motion_delay_s
         self.height, self.width = size

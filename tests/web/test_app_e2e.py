@@ -62,7 +62,7 @@ def video_frames(path: str) -> int:
     return int(out.rsplit("frame=", 1)[1].split()[0])
 
 
-def test_generate_on_the_example_streams_idle_preview_final_and_returns_the_mp4(running_app):
+def test_generate_on_the_example_streams_preview_final_and_returns_the_mp4(running_app):
     viewer = Viewer(running_app.ws_url)
     assert viewer.wait_for(lambda m: m["type"] == "hello")
     client = Client(running_app.url, verbose=False)
@@ -72,9 +72,11 @@ def test_generate_on_the_example_streams_idle_preview_final_and_returns_the_mp4(
     job = done["job"]
     messages = [m for m in viewer.messages if m.get("job") == job]
 
-    # The viewer was shown the idle animation, then the preview, then final frames, then the result.
+    # The viewer was shown the face moving at once — the idle animation, or straight away the preview when the Lite
+    # engine's motion came first (~0.1 s: the job does not make the idle animation then) — then final frames, then
+    # the result.
     qualities = [m["quality"] for m in messages if m["type"] == "frame"]
-    assert qualities[0] == "idle"
+    assert qualities[0] in ("idle", "preview")
     assert "preview" in qualities and "final" in qualities
     first_final = qualities.index("final")
     assert qualities.index("preview") < first_final
