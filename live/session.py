@@ -66,7 +66,7 @@ MAX_LEAD_TICKS = 10
 PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
 RENDER_MARGIN_S = 0.010  # the lead covers the slowest of the recent frames plus this
-RECENT_MAKES = 2 * FPS  # frames the lead looks back on
+RECENT_MAKES = FPS  # frames the lead looks back on (a second: a slow start-up is soon forgotten)
 MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
 
 SessionState = Literal["idle", "speaking", "closed"]
