@@ -65,7 +65,7 @@ START_LEAD_TICKS = 4
 MAX_LEAD_TICKS = 10
 PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
-RENDER_MARGIN_S = 0.010  # the lead covers the slowest of the recent frames plus this
+RENDER_MARGIN_S = 0.010  # the lead covers the recent frames' time to make plus this
 RECENT_MAKES = FPS  # frames the lead looks back on (a second: a slow start-up is soon forgotten)
 MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
 
@@ -451,9 +451,11 @@ class Session:
             self._due.put(None)
 
     def _pace(self, make_s: float) -> None:
-        """How far ahead the next frames are made: the slowest recent frame plus a margin, in whole ticks."""
+        """How far ahead the next frames are made: the recent frames' time to make (the slowest but one: a lone
+        hiccup of a quiet CPU does not add a tick of latency) plus a margin, in whole ticks."""
         self._make_times.append(make_s)
-        needed = math.ceil((max(self._make_times) + RENDER_MARGIN_S) / TICK_S)
+        slow = sorted(self._make_times)[-2] if len(self._make_times) > 1 else make_s
+        needed = math.ceil((slow + RENDER_MARGIN_S) / TICK_S)
         least, most = self._face.render_ahead_ticks
         self._render_ahead_ticks = min(most, max(least, needed))
 
