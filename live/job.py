@@ -203,7 +203,9 @@ class Job:
                         break
                     self._on_event(event)
                     if quick and isinstance(event, MotionReady):
-                        _lower_this_thread(ENGINE_NICENESS)
+                        # the rest is the final render, far faster than real time: it takes only the CPU the
+                        # live stream and the viewers (a browser on the same machine) leave
+                        _idle_this_thread()
                         quick = False
         except SadTalkerError as exc:
             self._fail(str(exc), user_error=True)
@@ -541,6 +543,15 @@ def _lower_this_thread(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + niceness)
     except (AttributeError, OSError):  # not Linux, or not allowed: the stream still plays, with less margin
         pass
+
+
+def _idle_this_thread() -> None:
+    """Run the calling thread (and the processes it starts) in Linux's idle class: only when no other thread wants
+    the CPU. Elsewhere: a lower priority."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        _lower_this_thread(ENGINE_NICENESS)
 
 
 def _fit_for_display(rgb: np.ndarray) -> np.ndarray:

@@ -12,13 +12,14 @@ from collections import OrderedDict
 
 import numpy as np
 
-from core.audio import MIN_AUDIO_S, load_audio
+from core.audio import MIN_AUDIO_S, load_audio, num_video_frames
 from core.engine import PREVIEW_SIZE
 from core.errors import InputError
 from core.image import load_image
 from core.landmarks import shared_detector
 from core.options import Options
 from preview.idle import IdleAnimator
+from preview.motion import audio_features
 from sadtalker.checkpoints import DEFAULT_CHECKPOINT_DIR
 
 from .broadcaster import Broadcaster
@@ -86,7 +87,8 @@ class Studio:
         """Decode a just-uploaded speech clip ahead of Generate (decoded audio is remembered per file), so the click
         does not wait for ffmpeg. Raises InputError (not audio, too short or too long) for early feedback."""
         if audio:
-            load_audio(audio, max_seconds=self.max_audio_s, min_seconds=self.min_audio_s)
+            samples = load_audio(audio, max_seconds=self.max_audio_s, min_seconds=self.min_audio_s)
+            audio_features(samples, num_video_frames(samples.size))  # the Lite motion's analysis, remembered too
 
     def idle_animator(self, rgb: np.ndarray) -> IdleAnimator:
         """The idle animation of a portrait, with the landmark detector the engines share."""
