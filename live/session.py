@@ -368,12 +368,13 @@ class Session:
         self._due: queue.SimpleQueue = queue.SimpleQueue()  # (tick, speaking or None) for the state thread
         self._seq = 0
         self._thread = threading.Thread(target=self._run, name=f"session-{session_id}", daemon=True)
-        self._sender = threading.Thread(target=self._run_sender, name=f"session-state-{session_id}", daemon=True)
+        self._state_thread = threading.Thread(target=self._follow_clock, name=f"session-state-{session_id}",
+                                              daemon=True)
 
     # ------------------------------------------------------------------------------------------------ control
     def start(self) -> "Session":
         self._status("listening", "Live: waiting for speech")
-        self._sender.start()
+        self._state_thread.start()
         self._thread.start()
         return self
 
@@ -393,7 +394,7 @@ class Session:
         self._stop.set()
         self._wake.set()
         self._due.put(None)
-        for thread in (self._thread, self._sender):
+        for thread in (self._thread, self._state_thread):
             if thread.is_alive():
                 thread.join(10)
         self._face.close()
@@ -459,7 +460,7 @@ class Session:
         least, most = self._face.render_ahead_ticks
         self._render_ahead_ticks = min(most, max(least, needed))
 
-    def _run_sender(self) -> None:
+    def _follow_clock(self) -> None:
         """At each tick's time: the state follows what is shown, finished utterances are told."""
         try:
             while (item := self._due.get()) is not None:
