@@ -162,9 +162,10 @@ def main() -> int:
                     runs = [one_run(browser, app, clips[clip], engine) for _ in range(args.repeats)]
                     for run in runs:
                         print(f"{engine:9s} {clip:7s} click->first sound {run['first_sound_ms']:6.0f} ms "
-                              f"(job seen {run['job_seen_ms']:4.0f}, first audio message {run['first_audio_ms']:4.0f} ms)"
-                              " | "
-                              f"skew p50 {run['skew_p50']:4.0f} p95 {run['skew_p95']:4.0f} max {run['skew_max']:4.0f} ms"
+                              f"(job seen {run['job_seen_ms']:4.0f}, "
+                              f"first audio message {run['first_audio_ms']:4.0f} ms) | "
+                              f"skew p50 {run['skew_p50']:4.0f} p95 {run['skew_p95']:4.0f} "
+                              f"max {run['skew_max']:4.0f} ms"
                               f" ({run['frames']} frames) | drawn {run['drawn_fps']:4.1f} fps | "
                               f"dropped {run['dropped']}", flush=True)
                     print(f"{engine:9s} {clip:7s} median first sound "

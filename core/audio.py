@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import threading
-from collections import OrderedDict
 
 import imageio_ffmpeg
 import numpy as np
 
 from .errors import InputError
 from .options import FPS, SAMPLE_RATE
+from .remembered import Remembered, file_key
 
 MIN_AUDIO_S = 1.0  # what the app and the CLI accept: a shorter clip is hardly speech (the engines need one frame)
 
@@ -49,30 +48,19 @@ def load_audio(path: str, max_seconds: float = 300.0, sample_rate: int = SAMPLE_
     return samples
 
 
-DECODED_CACHE_ITEMS = 4
-DECODED_CACHE_BYTES = 64 << 20  # all remembered decodings together, at most (~17 minutes of speech)
-_decoded: "OrderedDict[tuple, tuple[np.ndarray, float]]" = OrderedDict()  # key -> (samples, the limit decoded to)
-_decoded_lock = threading.Lock()
+_decoded = Remembered(items=4, max_bytes=64 << 20)  # (samples, the limit decoded to) of the last few clips
 
 
 def _decode_remembered(path: str, max_seconds: float, sample_rate: int) -> np.ndarray:
-    info = os.stat(path)
-    key = (os.path.realpath(path), info.st_size, info.st_mtime_ns, info.st_ino, sample_rate)
-    with _decoded_lock:
-        entry = _decoded.get(key)
-        if entry is not None:
-            samples, limit = entry
-            # decoded up to a limit at least as high, or the whole file (it ended before that limit)
-            if max_seconds <= limit or samples.size < (limit + 1.0) * sample_rate:
-                _decoded.move_to_end(key)
-                return samples.copy()
+    key = (file_key(path), sample_rate)
+    entry = _decoded.get(key)
+    if entry is not None:
+        samples, limit = entry
+        # decoded up to a limit at least as high, or the whole file (it ended before that limit)
+        if max_seconds <= limit or samples.size < (limit + 1.0) * sample_rate:
+            return samples.copy()
     samples = _decode(path, max_seconds, sample_rate)
-    with _decoded_lock:
-        _decoded[key] = (samples.copy(), max_seconds)
-        _decoded.move_to_end(key)
-        while len(_decoded) > DECODED_CACHE_ITEMS or (
-                len(_decoded) > 1 and sum(s.nbytes for s, _ in _decoded.values()) > DECODED_CACHE_BYTES):
-            _decoded.popitem(last=False)
+    _decoded.put(key, (samples.copy(), max_seconds), samples.nbytes)
     return samples
 
 

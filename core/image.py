@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import InputError
+from .remembered import Remembered, file_key
 
 MAX_SIDE = 2048  # larger portraits are downscaled: the face never needs more, and memory stays bounded
 # At most this many pixels are decoded. Pillow holds every mode in at most 4 bytes a pixel (16-bit grey in 2), so a
@@ -39,37 +38,19 @@ def load_image(source: "str | np.ndarray | Image.Image", max_side: int = MAX_SID
     for the idle animation and for the engine, on the path to the first frame, after the upload was decoded to find
     the face. The caller gets its own copy.
     """
-    key = _file_key(source, max_side)
-    if key is not None:
-        with _decoded_lock:
-            cached = _decoded.get(key)
-            if cached is not None:
-                _decoded.move_to_end(key)
-                return cached.copy()
+    file = file_key(source)
+    key = None if file is None else (file, max_side)
+    cached = None if key is None else _decoded.get(key)
+    if cached is not None:
+        return cached.copy()
     rgb = _decode_image(source, max_side)
-    if key is not None and rgb.nbytes <= DECODED_CACHE_BYTES // DECODED_CACHE_ITEMS:
-        with _decoded_lock:
-            _decoded[key] = rgb.copy()
-            while len(_decoded) > DECODED_CACHE_ITEMS:
-                _decoded.popitem(last=False)
+    if key is not None and rgb.nbytes <= REMEMBERED_IMAGE_BYTES:
+        _decoded.put(key, rgb.copy(), rgb.nbytes)
     return rgb
 
 
-DECODED_CACHE_ITEMS = 4
-DECODED_CACHE_BYTES = 64 << 20  # all remembered images together, at most
-_decoded: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
-_decoded_lock = threading.Lock()
-
-
-def _file_key(source, max_side: int) -> tuple | None:
-    """What identifies a file's decoded pixels: its path, size and modification time (None: not a file)."""
-    if not isinstance(source, (str, os.PathLike)):
-        return None
-    try:
-        info = os.stat(source)
-    except OSError:
-        return None  # missing: decoding says so
-    return os.path.realpath(source), info.st_size, info.st_mtime_ns, info.st_ino, max_side
+REMEMBERED_IMAGE_BYTES = 16 << 20  # a larger photo (over ~5 megapixels) is decoded each time instead
+_decoded = Remembered(items=4, max_bytes=4 * REMEMBERED_IMAGE_BYTES)  # the last few photos' pixels
 
 
 def _decode_image(source: "str | np.ndarray | Image.Image", max_side: int) -> np.ndarray:

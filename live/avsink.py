@@ -48,7 +48,8 @@ class AvSink:
     """``write(rgb, pcm)`` once per tick from the stream's thread; ``close()`` ends the file or stream cleanly."""
 
     def __init__(self, width: int, height: int, output_args: list[str], name: str = "output",
-                 video_args: list[str] = LIVE_VIDEO, max_queued_ticks: int = MAX_QUEUED_TICKS, background: bool = False):
+                 video_args: list[str] = LIVE_VIDEO, max_queued_ticks: int = MAX_QUEUED_TICKS,
+                 background: bool = False):
         self.width, self.height, self.name = int(width) // 2 * 2, int(height) // 2 * 2, name
         if self.width < 2 or self.height < 2:
             raise ValueError(f"a stream of {width}x{height} pixels is too small to encode")

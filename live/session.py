@@ -10,12 +10,11 @@ lives. At each tick it
    after it (a bounded look-ahead), or none: idle, a pause between utterances, or an underrun (speech that did not
    arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
 3. renders the frame ahead of its time — by the face's ``render_ahead_ticks`` (min, max): from the least, up to
-   the most while frames take long to make (several sessions share the CPU; the lead follows the slowest recent
-   frames) — and hands it at once,
-   stamped with its time, with the tick's 640 samples of sound (silence when none), to the session's live stream and
-   its recording. As with the sound, the outputs play it at its time: the viewer draws a frame when its speech
-   reaches the frame's ``t``, the encoded outputs (WebRTC, HLS, RTMP) read the stream's timeline a fixed delay
-   behind the clock. So a frame that took long to make is still on time.
+   the most while frames take long to make (several sessions share the CPU; the lead follows the recent frames'
+   time to make) — and hands it at once, stamped with its time, with the tick's 640 samples of sound (silence when
+   none), to the session's live stream and its recording. As with the sound, the outputs play it at its time: the
+   viewer draws a frame when its speech reaches the frame's ``t``, the encoded outputs (WebRTC, HLS, RTMP) read the
+   stream's timeline a fixed delay behind the clock. So a frame that took long to make is still on time.
 
 A second thread follows the clock: at each tick's time the state (idle/speaking) changes as the frame shown then
 does, and the when-spoken callbacks of utterances whose last frame is shown then are called.
@@ -355,7 +354,6 @@ class Session:
         else:
             self.recording_path = None
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self._scheduled: dict[int, SpeechFrame] = {}  # tick -> the speech frame it shows
         self._when_shown: dict[int, list] = {}  # tick -> callbacks of utterances whose last frame it shows
         self._when_shown_lock = threading.Lock()
@@ -385,14 +383,12 @@ class Session:
             raise InputError("This session has ended.")
         self.speech.push(samples, final, when_spoken)
         self.last_activity = time.monotonic()
-        self._wake.set()
 
     def close(self) -> None:
         """End the session: the stream stops, the recording is finished."""
         if self._stop.is_set():
             return
         self._stop.set()
-        self._wake.set()
         self._due.put(None)
         for thread in (self._thread, self._state_thread):
             if thread.is_alive():

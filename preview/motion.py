@@ -21,12 +21,12 @@ import collections
 import functools
 import hashlib
 import math
-import threading
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from core.options import FPS, SAMPLE_RATE
+from core.remembered import Remembered
 
 from .warp import Pose
 
@@ -74,24 +74,16 @@ def audio_features(samples: np.ndarray, num_frames: int, sample_rate: int = SAMP
     computes them when the speech is uploaded, so the click's motion does not wait for them."""
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     key = (hashlib.sha1(memoryview(samples).cast("B")).digest(), samples.size, num_frames, sample_rate)
-    with _features_lock:
-        features = _features.get(key)
-        if features is not None:
-            _features.move_to_end(key)
-            return features
-    features = _audio_features(samples, num_frames, sample_rate)
-    for values in (features.rms, features.voice, features.centroid):
-        values.flags.writeable = False  # shared by every motion made from this clip
-    with _features_lock:
-        _features[key] = features
-        while len(_features) > FEATURES_REMEMBERED:
-            _features.popitem(last=False)
+    features = _features.get(key)
+    if features is None:
+        features = _audio_features(samples, num_frames, sample_rate)
+        for values in (features.rms, features.voice, features.centroid):
+            values.flags.writeable = False  # shared by every motion made from this clip
+        _features.put(key, features, 3 * features.rms.nbytes)
     return features
 
 
-FEATURES_REMEMBERED = 4
-_features: "collections.OrderedDict[tuple, AudioFeatures]" = collections.OrderedDict()
-_features_lock = threading.Lock()
+_features = Remembered(items=4, max_bytes=16 << 20)  # the last few clips' features
 
 
 def _audio_features(samples: np.ndarray, num_frames: int, sample_rate: int) -> AudioFeatures:
