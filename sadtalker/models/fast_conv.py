@@ -8,8 +8,10 @@ from weights. ``reference_computation()`` switches all of it off (side-by-side c
 Reduced precision is opt-in and per layer: within ``conv_precision(torch.bfloat16)`` (or float16 on a GPU) the
 convolutions -- nearly all of the renderer's arithmetic -- take their inputs and weights rounded to that type (oneDNN
 runs them on AMX / AVX-512 BF16 units, in channels-last layout, accumulating in float32) and hand back float32
-activations; everything whose precision matters stays float32: normalisation statistics, softmax, the keypoint
-Gaussians, the sampling grids and ``grid_sample``, pooling, the residual sums.
+activations -- except maps that only feed another convolution (the SPADE hidden maps and modulated activations,
+``low_precision_out``), which stay in the reduced type rather than be widened and rounded again; everything whose
+precision matters stays float32: normalisation statistics, softmax, the keypoint Gaussians, the sampling grids and
+``grid_sample``, pooling, the residual sums.
 """
 from __future__ import annotations
 
@@ -56,11 +58,16 @@ def conv_precision(dtype: torch.dtype | None):
 
 
 def _low_precision(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype this convolution of x runs in if not x's own (reduced precision in force, no autograd)."""
+    """The reduced dtype this convolution of x runs in (in force, no autograd; x float32 or already that type)."""
     dtype = _CONV_DTYPE.get()
-    if dtype is None or x.dtype != torch.float32 or torch.is_grad_enabled():
+    if dtype is None or x.dtype not in (torch.float32, dtype) or torch.is_grad_enabled():
         return None
     return dtype
+
+
+def low_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The reduced type convolutions of x compute in here (None: x's own): for layers that prepare their input."""
+    return _low_precision(x)
 
 
 def _cached_on(weight: torch.Tensor, attribute: str, build, *args):
@@ -97,10 +104,12 @@ def low_precision_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
-def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int | tuple = 0) -> torch.Tensor:
+def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int | tuple = 0,
+             low_precision_out: bool = False) -> torch.Tensor:
     """``F.conv2d`` / ``F.conv3d`` (by the weight's rank, stride 1), in reduced precision where it is in force:
     x and the weight rounded to it, channels-last, the result back in float32, channels-last (see
-    ``low_precision_layout``)."""
+    ``low_precision_layout``). ``low_precision_out``: the result is left in the reduced type (a caller that only
+    feeds it to another convolution, or to arithmetic with float32 tensors that promotes it, saves two passes)."""
     conv = F.conv2d if weight.dim() == 4 else F.conv3d
     dtype = _low_precision(x)
     if dtype is None:
@@ -108,7 +117,7 @@ def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
     low_bias = None if bias is None else bias.to(dtype)
     out = conv(x.to(dtype, memory_format=layout), _low_precision_weight(weight, dtype), low_bias, padding=padding)
-    return out.float()
+    return out if low_precision_out else out.float()
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,13 +179,14 @@ def winograd_conv3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: to
     return y.contiguous()
 
 
-def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                low_precision_out: bool = False) -> torch.Tensor:
     """Stride-1 convolution with 'same' zero padding (odd square kernel).
 
     On CPU in float32 (no autograd) 3x3 kernels go through Winograd convolutions: our F(4x4, 3x3) on maps up to
     WINOGRAD_MAX_SIZE, NNPACK's on larger ones (both about 1.5-2x faster than the direct one and within ~1e-5
     relative of it per layer); elsewhere plain ``F.conv2d``. NNPACK's batched path is slow, so a batch is
-    convolved one sample at a time.
+    convolved one sample at a time. ``low_precision_out``: see ``convolve``.
     """
     k = weight.shape[-1]
     fast = (k == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
@@ -191,7 +201,7 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         outs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1])
                 for i in range(x.shape[0])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return convolve(x, weight, bias, padding=k // 2)
+    return convolve(x, weight, bias, padding=k // 2, low_precision_out=low_precision_out)
 
 
 # 3-D convolutions at least this wide (H and W) and with this many input channels go through NNPACK slice by
@@ -316,14 +326,29 @@ class UpsampledConv3x3:
             group_bias = None if bias is None else bias.repeat(len(members))
             self.groups.append((footprint, members, torch.cat(kernels, dim=0), group_bias))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, low_precision_out: bool = False) -> torch.Tensor:
         b, _, h, w = x.shape
         s, c_out = self.scale, self.out_channels
-        x_pad = F.pad(x, (1, 1, 1, 1))
-        out = x.new_empty(b, c_out, h, s, w, s)  # (B, C, H, s, W, s) viewed as (B, C, H*s, W*s) at the end
+        # channels-last: oneDNN's fastest layout, and each phase then lands as runs of C values (see below)
+        x_pad = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        # Phases are gathered whole (contiguous copies), then interleaved in one pass: writing each phase straight
+        # into the interleaved image would sweep all of its memory once per phase.
+        channels_last = None
         for (oy, ny, ox, nx), members, kernel, bias in self.groups:
             window = x_pad[:, :, 1 + oy:1 + oy + h + ny - 1, 1 + ox:1 + ox + w + nx - 1]
-            result = convolve(window, kernel, bias).reshape(b, len(members), c_out, h, w)
+            result = convolve(window, kernel, bias, low_precision_out=low_precision_out)  # (B, members * C, H, W)
+            if channels_last is None:
+                channels_last = not result.is_contiguous() and result.is_contiguous(memory_format=torch.channels_last)
+                # channels-last: (B, H, s, W, s, C) in memory, each phase a set of runs of C values
+                # else: (B, C, s*s, H, W), each phase a set of runs of H*W values, then pixel_shuffle
+                out = (result.new_empty(b, h, s, w, s, c_out) if channels_last
+                       else result.new_empty(b, c_out, s * s, h, w))
             for m, (py, px) in enumerate(members):
-                out[:, :, :, py, :, px] = result[:, m]
-        return out.view(b, c_out, h * s, w * s)
+                phase = result[:, m * c_out:(m + 1) * c_out]  # (B, C, H, W)
+                if channels_last:
+                    out[:, :, py, :, px] = phase.permute(0, 2, 3, 1)
+                else:
+                    out[:, :, py * s + px] = phase
+        if channels_last:
+            return out.view(b, h * s, w * s, c_out).permute(0, 3, 1, 2)  # (B, C, H*s, W*s), channels-last
+        return F.pixel_shuffle(out.view(b, c_out * s * s, h, w), s)  # (B, C, H*s, W*s)

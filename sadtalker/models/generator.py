@@ -85,7 +85,9 @@ class SPADEDecoder(nn.Module):
         merged = self._derived.get("hidden_convs", sources, self._merged_hidden_convs)
         maps: list[dict[str, torch.Tensor]] = [{} for _ in self.stages()]
         for scale, (parts, conv) in merged.items():
-            hidden = F.relu(conv2d_same(segmap, *conv) if scale == 1 else conv(segmap))  # (B, sum(channels), sH, sW)
+            # (B, sum(channels), sH, sW); reduced precision: left in that type (only convolutions read them)
+            hidden = F.relu(conv2d_same(segmap, *conv, low_precision_out=True) if scale == 1
+                            else conv(segmap, low_precision_out=True))
             start = 0
             for index, name, channels in parts:
                 maps[index][name] = hidden[:, start:start + channels]
@@ -97,9 +99,7 @@ class SPADEDecoder(nn.Module):
         hidden = self.hidden_maps(segmap) if fast_paths_enabled() else [None] * len(self.stages())
         x = self.fc(feature)  # (B, 512, h, w)
         for index, (block, scale) in enumerate(self.stages()):
-            if scale > 1:  # up_0 and up_1 each double the resolution first
-                x = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = block(x, segmap, hidden[index])
+            x = block(x, segmap, hidden[index], upsample=2 if scale > 1 else 1)  # up_0, up_1 double the resolution
         # x: (B, 64, 4h, 4w)
         return torch.sigmoid(self.conv_img(F.leaky_relu(x, 0.2)))
 

@@ -98,6 +98,17 @@ def test_fast_3d_convolution_matches_plain_convolution(kernel):
     assert (fast - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+def test_channels_last_instance_norm_matches_and_keeps_the_layout():
+    from sadtalker.models.blocks import instance_norm
+
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 8, 12, 10, generator=g) * 3 + 30).contiguous(memory_format=torch.channels_last)
+    ours = instance_norm(x)
+    expected = F.instance_norm(x.double(), eps=1e-5)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    assert (ours - expected).abs().max() < 1e-5
+
+
 def _tiny_networks(seed: int = 0):
     torch.manual_seed(seed)
     kp = KeypointDetector(block_expansion=4, num_kp=NUM_KP, max_features=16, reshape_channel=64, reshape_depth=4,
