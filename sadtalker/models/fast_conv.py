@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -136,9 +137,11 @@ _WINOGRAD_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
 _WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
                (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
-# Up to this size (H and W) Winograd F(4x4) through MKL's GEMM beats NNPACK on AVX-512 CPUs (~1.7x at 64x64);
-# on larger maps its transforms cost more than they save.
-WINOGRAD_MAX_SIZE = 64
+# Bytes of the largest transformed array of a band (rows of tiles, times depth slices): a few MB stay in cache,
+# where a whole 256x256 map would take hundreds of MB, and the matrix products stay wide enough for MKL.
+WINOGRAD_BAND_BYTES = 8 << 20
+# Fewer output channels than this: the transforms would cost more than the products they save.
+WINOGRAD_MIN_OUT_CHANNELS = 16
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,62 +153,131 @@ def _winograd_transforms(device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, 3, 3) -> (36, C_out, C_in): G g G^T of every kernel, computed in float64."""
+    """(C_out, C_in, 3, 3) -> (36, C_out, C_in), or (C_out, C_in, 3, 3, 3) -> (3, 36, C_out, C_in) (per depth tap):
+    G g G^T of every 3x3 kernel, computed in float64."""
     g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ik,ockl,jl->ijoc", g, weight.detach().double(), g)  # (6, 6, C_out, C_in)
+    w = weight.detach().double()
+    if w.dim() == 5:
+        u = torch.einsum("ik,ocdkl,jl->dijoc", g, w, g)  # (3, 6, 6, C_out, C_in)
+        return u.reshape(w.shape[2], 36, w.shape[0], w.shape[1]).to(weight.dtype).contiguous()
+    u = torch.einsum("ik,ockl,jl->ijoc", g, w, g)  # (6, 6, C_out, C_in)
     return u.reshape(36, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
 
 
+class _Workspace(threading.local):
+    """Per-thread scratch memory for the Winograd bands, kept between calls: fresh buffers of this size would be
+    new pages from the kernel on every band (zero-filled on first touch), which costs as much as the products."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, device: torch.device) -> torch.Tensor:
+        buffer = self.buffers.get((name, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self.buffers[(name, device)] = buffer
+        return buffer[:numel]
+
+
+_WORKSPACE = _Workspace()
+
+
+def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out (C_out, D, H, W) = the 3x3 'same' convolution of the volume x (C, D, H, W) with ``taps`` (k, 36, C_out, C)
+    depth taps (k = 1: each depth slice on its own, k = 3: a 3x3x3 convolution zero-padded in depth).
+
+    Band by band (rows of tiles, every depth slice): input tiles -> B^T d B (one matrix product), then per Winograd
+    point the products summed over the input channels and depth taps (k accumulating matrix products on shifted
+    depth windows of the transformed input), then A^T m A (one matrix product) straight into ``out``.
+    """
+    c, d, h, w = x.shape
+    k, _, c_out, _ = taps.shape
+    th, tw = -(-h // 4), -(-w // 4)
+    kb, ka = _winograd_transforms(x.device)
+    dp = d + k - 1
+    # (C, D + k - 1, 4*th + 2, 4*tw + 2): zero ring of 1 pixel (more at the far edges up to whole tiles), k // 2 slices
+    padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h, k // 2, k // 2))
+    row_bytes = 36 * 4 * max(c * dp, c_out * d) * tw  # the largest transformed array, per row of tiles
+    rows = max(1, min(th, WINOGRAD_BAND_BYTES // row_bytes))
+    most = rows * tw
+    scratch_in = _WORKSPACE.get("in", max(36 * c * dp, 16 * c_out * d) * most, x.device)  # input tiles, then A^T m A
+    scratch_v = _WORKSPACE.get("v", 36 * c * dp * most, x.device)
+    scratch_m = _WORKSPACE.get("m", 36 * c_out * d * most, x.device)
+    for r0 in range(0, th, rows):
+        r1 = min(th, r0 + rows)
+        tiles = (r1 - r0) * tw
+        band = padded[:, :, 4 * r0:4 * r1 + 2]  # (C, Dp, 4*rows + 2, 4*tw + 2)
+        tile_in = band.unfold(2, 6, 4).unfold(3, 6, 4)  # (C, Dp, rows, tw, 6, 6): overlapping input tiles
+        # Tiles are copied whole (runs of 6 values in, 36 out) and transformed by a product with the transposed
+        # tile matrix; the results come out as whole 4x4 tiles the same way: both copies stay local in memory.
+        d_tiles = scratch_in[:36 * c * dp * tiles].view(c, dp, r1 - r0, tw, 6, 6)
+        d_tiles.copy_(tile_in)
+        v = scratch_v[:36 * c * dp * tiles].view(36, c * dp * tiles)
+        torch.mm(kb, d_tiles.view(c * dp * tiles, 36).t(), out=v)  # B^T d B of every tile, channel and slice
+        v = v.view(36, c, dp, tiles)
+        m = scratch_m[:36 * c_out * d * tiles].view(36, c_out, d * tiles)
+        torch.bmm(taps[0], v[:, :, 0:d].reshape(36, c, d * tiles), out=m)  # summed over C
+        for kd in range(1, k):  # v[:, :, kd:kd + d] is a strided matrix per point: no copy
+            m.baddbmm_(taps[kd], v[:, :, kd:kd + d].reshape(36, c, d * tiles))
+        y = scratch_in[:16 * c_out * d * tiles].view(c_out * d * tiles, 16)
+        torch.mm(m.view(36, c_out * d * tiles).t(), ka.t(), out=y)  # A^T m A, tile by tile
+        y = y.view(c_out, d, r1 - r0, tw, 4, 4).transpose(3, 4)  # (C_out, D, rows, 4, tw, 4)
+        target = out[:, :, 4 * r0:4 * r1].view(c_out, d, r1 - r0, 4, tw, 4)
+        if bias is None:
+            target.copy_(y)
+        else:
+            torch.add(y, bias.view(-1, 1, 1, 1, 1, 1), out=target)
+
 def winograd_conv3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Stride-1 3x3 convolution with zero padding 1 by Winograd F(4x4, 3x3): three big matrix products.
+    """Stride-1 3x3 convolution with zero padding 1 by Winograd F(4x4, 3x3), in bands of rows: a few big matrix
+    products per band.
 
     x (B, C, H, W); ``transformed_weight`` from ``winograd_weight``. Within ~1e-5 relative of the direct
     convolution per layer (measured: 6.5e-6 for 512 channels; NNPACK's F(6x6) 1.1e-5).
     """
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
+    c_out = transformed_weight.shape[1]
     th, tw = -(-h // 4), -(-w // 4)
-    tiles = b * th * tw
-    kb, ka = _winograd_transforms(x.device)
-    padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h))  # (B, C, 4*th + 2, 4*tw + 2)
-    d = padded.unfold(2, 6, 4).unfold(3, 6, 4)  # (B, C, th, tw, 6, 6): overlapping input tiles
-    d = d.permute(4, 5, 1, 0, 2, 3).reshape(36, c * tiles)  # (36, C * tiles)
-    v = (kb @ d).view(36, c, tiles)  # B^T d B of every tile and channel
-    m = torch.bmm(transformed_weight, v)  # (36, C_out, tiles): the products, summed over C
-    c_out = m.shape[1]
-    y = (ka @ m.view(36, c_out * tiles)).view(4, 4, c_out, b, th, tw)  # A^T m A
-    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, c_out, th * 4, tw * 4)[:, :, :h, :w]
-    if bias is not None:
-        y = y + bias.view(1, -1, 1, 1)
-    return y.contiguous()
+    out = x.new_empty(b, c_out, 4 * th, 4 * tw)
+    # the batch as the depth of a volume convolved slice by slice
+    _winograd_volume(x.transpose(0, 1), transformed_weight.unsqueeze(0), bias, out.transpose(0, 1))
+    return out if (4 * th, 4 * tw) == (h, w) else out[:, :, :h, :w].contiguous()
+
+
+def winograd_conv3x3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Stride-1 3x3x3 convolution with zero padding 1, x (B, C, D, H, W): Winograd F(4x4, 3x3) over H and W, the
+    three depth taps summed in the Winograd domain (``transformed_weight`` from ``winograd_weight``, 5-D kernel)."""
+    b, _, d, h, w = x.shape
+    c_out = transformed_weight.shape[2]
+    th, tw = -(-h // 4), -(-w // 4)
+    out = x.new_empty(b, c_out, d, 4 * th, 4 * tw)
+    for n in range(b):
+        _winograd_volume(x[n], transformed_weight, bias, out[n])
+    return out if (4 * th, 4 * tw) == (h, w) else out[..., :h, :w].contiguous()
 
 
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 low_precision_out: bool = False) -> torch.Tensor:
     """Stride-1 convolution with 'same' zero padding (odd square kernel).
 
-    On CPU in float32 (no autograd) 3x3 kernels go through Winograd convolutions: our F(4x4, 3x3) on maps up to
-    WINOGRAD_MAX_SIZE, NNPACK's on larger ones (both about 1.5-2x faster than the direct one and within ~1e-5
-    relative of it per layer); elsewhere plain ``F.conv2d``. NNPACK's batched path is slow, so a batch is
-    convolved one sample at a time. ``low_precision_out``: see ``convolve``.
+    On CPU in float32 (no autograd) 3x3 kernels with at least WINOGRAD_MIN_OUT_CHANNELS outputs go through our
+    Winograd F(4x4, 3x3) (about 2x faster than the direct convolution and within ~1e-5 relative of it per layer);
+    elsewhere plain ``F.conv2d``. ``low_precision_out``: see ``convolve``.
     """
     k = weight.shape[-1]
-    fast = (k == 3 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.shape[-1] >= 16 and x.shape[-2] >= 16 and not torch.is_grad_enabled()
-            and _FAST_PATHS.get() and _low_precision(x) is None)
-    if fast and max(x.shape[-2:]) <= WINOGRAD_MAX_SIZE:
+    if (k == 3 and weight.shape[0] >= WINOGRAD_MIN_OUT_CHANNELS and _winograd_applies(x, weight)):
         return winograd_conv3x3(x, _cached_on(weight, "_winograd_copy", winograd_weight), bias)
-    if fast and _nnpack_ready():
-        if bias is None:
-            bias = weight.new_zeros(weight.shape[0])
-        weight = weight.contiguous()
-        outs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1])
-                for i in range(x.shape[0])]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     return convolve(x, weight, bias, padding=k // 2, low_precision_out=low_precision_out)
 
 
-# 3-D convolutions at least this wide (H and W) and with this many input channels go through NNPACK slice by
-# slice (see conv3d_same); narrower ones are faster as one direct 3-D convolution.
+def _winograd_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.shape[-1] >= 16 and x.shape[-2] >= 16 and not torch.is_grad_enabled()
+            and _FAST_PATHS.get() and _low_precision(x) is None)
+
+
+# 3-D convolutions other than 3x3x3 at least this wide (H and W) and with this many input channels go through
+# NNPACK slice by slice (see conv3d_same); narrower ones are faster as one direct 3-D convolution.
 NNPACK_3D_MIN_SIZE = 64
 NNPACK_3D_MIN_CHANNELS = 64
 
@@ -214,14 +286,16 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 stacked_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Stride-1 3-D convolution with 'same' zero padding (odd cubic kernel), x (B, C, D, H, W).
 
-    Fast path (CPU float32, no autograd, NNPACK, wide slices): the k depth taps of the kernel are stacked into
-    k * C_out output channels of one 2-D kernel, each input depth slice is convolved once by NNPACK (Winograd
-    for 3x3, FFT for larger kernels) and its k outputs are added to the output slices they belong to. Same
-    multiply-adds as the direct 3-D convolution, but the 2-D kernels run about 1.5-2x faster on AVX2 CPUs.
+    Fast paths (CPU float32, no autograd): 3x3x3 kernels on maps at least 16 wide through our Winograd
+    (``winograd_conv3x3x3``). Larger kernels on wide slices through NNPACK: the k depth taps of the kernel are
+    stacked into k * C_out output channels of one 2-D kernel, each input depth slice is convolved once by NNPACK
+    (FFT for kernels larger than 3) and its k outputs are added to the output slices they belong to.
     ``stacked_weight``: the (k * C_out, C_in, k, k) re-arrangement of ``weight`` if the caller caches it.
     """
     k = weight.shape[-1]
     b, _, d, h, w = x.shape
+    if k == 3 and _winograd_applies(x, weight):
+        return winograd_conv3x3x3(x, _cached_on(weight, "_winograd_copy", winograd_weight), bias)
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
             and w >= NNPACK_3D_MIN_SIZE and x.shape[1] >= NNPACK_3D_MIN_CHANNELS and not torch.is_grad_enabled()
             and _FAST_PATHS.get() and _nnpack_ready() and _low_precision(x) is None):
@@ -290,7 +364,8 @@ class SameConv3d(nn.Conv3d):
         self._derived = DerivedTensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stacked = self._derived.get("stacked", (self.weight,), lambda: stack_depth_taps(self.weight))
+        stacked = (None if self.kernel_size[0] == 3  # 3x3x3: Winograd, not stacked taps
+                   else self._derived.get("stacked", (self.weight,), lambda: stack_depth_taps(self.weight)))
         return conv3d_same(x, self.weight, self.bias, stacked)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sadtalker.facerender import (FaceRenderer, batch_layout, camera_pose_sequence, driving_coefficients,
                                   frame_to_uint8, gen_camera_pose, prepare_render_inputs, semantic_window)
 from sadtalker.keypoints import degrees_from_bins, rotation_matrix, transform_keypoints
+from sadtalker.models import fast_conv
 from sadtalker.models.fast_conv import UpsampledConv3x3, conv2d_same, conv3d_same, reference_computation
 from sadtalker.models.generator import OcclusionAwareSPADEGenerator
 from sadtalker.models.head_pose_estimator import HeadPoseEstimator
@@ -96,6 +97,39 @@ def test_fast_3d_convolution_matches_plain_convolution(kernel):
         expected = F.conv3d(x, weight, bias, padding=kernel // 2)
     assert fast.shape == expected.shape
     assert (fast - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 24, 64, 72), (2, 8, 16, 58, 38)])
+def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(shape, monkeypatch):
+    # (B, C_in, C_out, H, W): several bands of tile rows, sizes that are not whole tiles, a batch
+    b, c_in, c_out, h, w = shape
+    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    g = torch.Generator().manual_seed(h)
+    x = torch.randn(b, c_in, h, w, generator=g)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
+    bias = torch.randn(c_out, generator=g)
+    assert 36 * 4 * max(c_in, c_out) * b * -(-h // 4) * -(-w // 4) > 2 * 200_000  # more than two bands
+    with torch.inference_mode():
+        ours = conv2d_same(x, weight, bias)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    assert ours.shape == expected.shape and ours.is_contiguous()
+    assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 24, 6, 40, 36), (2, 8, 16, 3, 17, 16)])
+def test_winograd_3d_convolution_is_within_float32_rounding_of_float64(shape, monkeypatch):
+    # (B, C_in, C_out, D, H, W): the depth taps summed in the Winograd domain, zero-padded depth ends, bands
+    b, c_in, c_out, d, h, w = shape
+    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(b, c_in, d, h, w, generator=g)
+    weight = torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5
+    bias = torch.randn(c_out, generator=g)
+    with torch.inference_mode():
+        ours = conv3d_same(x, weight, bias)
+    expected = F.conv3d(x.double(), weight.double(), bias.double(), padding=1)
+    assert ours.shape == expected.shape and ours.is_contiguous()
+    assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
 def test_channels_last_instance_norm_matches_and_keeps_the_layout():
