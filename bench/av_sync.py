@@ -97,10 +97,27 @@ def wait_for(condition, timeout: float, what: str):
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def one_run(browser, app: App, audio: str, engine: str) -> dict:
-    viewer = browser.new_context(viewport={"width": 1000, "height": 700}).new_page()
-    viewer.goto(app.url + "viewer")
-    viewer.wait_for_function("document.getElementById('connection').dataset.state === 'open'", timeout=15000)
+def embedded_player(page, timeout: float = 30.0):
+    """The page's own live player: the viewer in the iframe made for the job just started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for frame in page.frames:
+            if "embed=1&job=" in frame.url:
+                try:
+                    if frame.evaluate("() => !!(window.liveStats && window.liveStats.first_audio_epoch_ms)"):
+                        return frame
+                except Exception:  # the frame is still loading
+                    pass
+        page.wait_for_timeout(20)  # (Playwright learns of new frames only while it waits on the browser)
+    raise RuntimeError("timed out waiting for the page's live player")
+
+
+def one_run(browser, app: App, audio: str, engine: str, watch: str) -> dict:
+    tab = None
+    if watch == "tab":
+        tab = browser.new_context(viewport={"width": 1000, "height": 700}).new_page()
+        tab.goto(app.url + "viewer")
+        tab.wait_for_function("document.getElementById('connection').dataset.state === 'open'", timeout=15000)
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     page.goto(app.url)
     page.get_by_text("Engine:").first.wait_for(timeout=60000)
@@ -115,6 +132,7 @@ def one_run(browser, app: App, audio: str, engine: str) -> dict:
                   " window.benchPressedAt = performance.timeOrigin + event.timeStamp; }, true)")
     page.get_by_role("button", name="Generate").click()
     clicked = page.evaluate("() => window.benchPressedAt")
+    viewer = tab if tab is not None else embedded_player(page)
     first_sound = wait_for(lambda: live_stats(viewer)["first_sound_epoch_ms"], 120, "the first sound")
     # the clip's playback with sound: until the stream renders (slow engine) or is finished (fast engine)
     wait_for(lambda: any(word in status_text(viewer) for word in ("Rendering", "ready", "Stopped")), 600,
@@ -136,7 +154,8 @@ def one_run(browser, app: App, audio: str, engine: str) -> dict:
         "frames": len(skews),
     }
     page.context.close()
-    viewer.context.close()
+    if tab is not None:
+        tab.context.close()
     return result
 
 
@@ -145,6 +164,10 @@ def main() -> int:
     parser.add_argument("--engines", default="lite,sadtalker")
     parser.add_argument("--clips", default="example,30s")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--watch", default="page,tab",
+                        help="where the stream is watched and measured: 'page' (the page's own live player, the "
+                             "page alone in the browser), 'tab' (a viewer in its own tab beside the page); "
+                             "comma-separated, each run separately")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -162,17 +185,17 @@ def main() -> int:
                 Path(checkpoints).mkdir(exist_ok=True)
             app = App(checkpoints, str(Path(folder) / f"outputs-{engine}"))
             try:
-                for clip in args.clips.split(","):
-                    runs = [one_run(browser, app, clips[clip], engine) for _ in range(args.repeats)]
+                for clip, watch in [(c, w) for c in args.clips.split(",") for w in args.watch.split(",")]:
+                    runs = [one_run(browser, app, clips[clip], engine, watch) for _ in range(args.repeats)]
                     for run in runs:
-                        print(f"{engine:9s} {clip:7s} click->first sound {run['first_sound_ms']:6.0f} ms "
+                        print(f"{engine:9s} {clip:7s} {watch:4s} click->first sound {run['first_sound_ms']:6.0f} ms "
                               f"(job seen {run['job_seen_ms']:4.0f}, "
                               f"first audio message {run['first_audio_ms']:4.0f} ms) | "
                               f"skew p50 {run['skew_p50']:4.0f} p95 {run['skew_p95']:4.0f} "
                               f"max {run['skew_max']:4.0f} ms"
                               f" ({run['frames']} frames) | drawn {run['drawn_fps']:4.1f} fps | "
                               f"dropped {run['dropped']}", flush=True)
-                    print(f"{engine:9s} {clip:7s} median first sound "
+                    print(f"{engine:9s} {clip:7s} {watch:4s} median first sound "
                           f"{statistics.median(r['first_sound_ms'] for r in runs):.0f} ms, worst skew p95 "
                           f"{max(r['skew_p95'] for r in runs):.0f} ms, lowest drawn fps "
                           f"{min(r['drawn_fps'] for r in runs):.1f}  (targets: <= 300 ms Lite, <= 40 ms, >= 24)",

@@ -416,11 +416,13 @@ class Broadcaster:
     def _queue_hello_and_snapshot(self, viewer: _Viewer) -> None:
         viewer.pending.clear()
         viewer.queued_audio = 0
-        job = self._followed_job(viewer)
-        hello = {**self.hello_info, "type": "hello", "job": job, "protocol": PROTOCOL_VERSION,
+        self._queue(viewer, None, "hello", self._hello(viewer))
+        self._queue_snapshot(viewer, self._followed_job(viewer))
+
+    def _hello(self, viewer: _Viewer) -> bytes:
+        hello = {**self.hello_info, "type": "hello", "job": self._followed_job(viewer), "protocol": PROTOCOL_VERSION,
                  "following": "latest" if viewer.follow is None else "job"}
-        self._queue(viewer, None, "hello", json.dumps(hello).encode("utf-8"))
-        self._queue_snapshot(viewer, job)
+        return json.dumps(hello).encode("utf-8")
 
     async def _send_loop(self, viewer: _Viewer) -> None:
         try:
@@ -458,8 +460,12 @@ class Broadcaster:
                 self._complaints.warning("malformed", "ignored a malformed follow message (job must be a string "
                                                       "or null): %.80r", raw)
                 return
+            before = self._followed_job(viewer)
             viewer.follow = job or None
-            self._queue_hello_and_snapshot(viewer)
+            if self._followed_job(viewer) == before:  # the stream it already plays: what it has stays valid (a
+                self._queue(viewer, None, "hello", self._hello(viewer))  # snapshot would play its speech twice)
+            else:
+                self._queue_hello_and_snapshot(viewer)
         elif kind == "speech":
             self._on_speech(message)
         elif kind == "ping":

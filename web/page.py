@@ -21,6 +21,17 @@ EXAMPLE_AUDIO = ROOT / "examples" / "speech.wav"
 # itself only updates its progress line, at most this often.
 PAGE_UPDATES_PER_S = 5.0
 
+# The embedded player stays loaded from one Generate to the next (a new document at the click would compete with the
+# first frames and speech for the CPU): the page tells it, from its own origin, which job to follow.
+FOLLOW_JOB_JS = """(job) => {
+  const frame = document.querySelector('#live iframe');
+  if (frame && job) {
+    frame.dataset.job = job;
+    frame.contentWindow.postMessage({ type: 'follow', job }, location.origin);
+  }
+  return [];
+}"""
+
 PAGE_CSS = """
 #engine-line { font-size: 0.95em; }
 #live iframe, #live-session iframe { width: 100%; height: 430px; border: 0; border-radius: 8px;
@@ -78,7 +89,8 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
         return [line, gr.update(value=note, visible=bool(note))] + [gr.update(interactive=usable)] * len(sadtalker_only)
 
     def generate(*args):
-        """Generate a talking-head video; yields live frames and progress; the last output is the mp4."""
+        """Generate a talking-head video; yields the job id (its live stream, which the embedded player follows)
+        and the progress; the last output is the mp4."""
         image, audio, engine, *values, request = args  # the signature below says what Gradio passes
         image, audio = _uploaded_path(image), _uploaded_path(audio)
         raw = {name: _uploaded_path(value) if is_path_option(name) else value for name, value in zip(names, values)}
@@ -94,7 +106,7 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
             for other, other_job in list(jobs_by_session.items()):  # pages gone: forget jobs the studio forgot
                 if studio.get(other_job) is None:
                     jobs_by_session.pop(other, None)
-        yield live_player_html(job.id, viewer_token), progress_html(job.snapshot()), gr.skip(), gr.skip()
+        yield job.id, progress_html(job.snapshot()), gr.skip(), gr.skip()
         try:
             for snap in job.updates(max_fps=PAGE_UPDATES_PER_S):
                 if snap.state == "running":
@@ -168,7 +180,9 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
                         generate_button = gr.Button("Generate", variant="primary")
                         stop_button = gr.Button("Stop", variant="stop")
                 with gr.Column(scale=1):
-                    live = gr.HTML(live_player_html(None, viewer_token), elem_id="live")
+                    gr.HTML(live_player_html(None, viewer_token), elem_id="live")
+                    # The job this page started: the embedded player, loaded once, is told to follow it
+                    live_job = gr.Textbox(visible="hidden", elem_id="live-job", label="Live job")
                     progress = gr.HTML(progress_html(None))
                     gr.HTML(f'<a href="{html.escape(viewer_url(viewer_token))}" target="_blank" rel="noopener">'
                             'Open live viewer ↗</a> '
@@ -187,7 +201,7 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
         demo.load(describe, inputs=[engine], outputs=describe_outputs, api_visibility="private", queue=False)
         engine.change(describe, inputs=[engine], outputs=describe_outputs, api_visibility="private", queue=False)
         generate_button.click(generate, inputs=[image, audio, engine, *(controls[name] for name in names)],
-                                    outputs=[live, progress, video, result], api_name="generate",
+                                    outputs=[live_job, progress, video, result], api_name="generate",
                                     # a click waiting for its turn shows its queue position on the progress line
                                     show_progress="full", show_progress_on=[progress], concurrency_limit=max_jobs,
                                     # a click while the previous run is still ending (just after Stop) is kept and
@@ -197,6 +211,7 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
                                     # non-image with a generic error instead of our message saying what to do.
                                     preprocess=False)
         stop_button.click(stop, api_visibility="private", queue=False)
+        live_job.change(None, inputs=[live_job], js=FOLLOW_JOB_JS)
         # queued (not queue=False): a warning can only reach the page through the queue's event stream
         image.upload(image_uploaded, inputs=[image], api_visibility="private", preprocess=False,
                      show_progress="hidden", concurrency_limit=4)

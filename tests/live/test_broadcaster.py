@@ -257,6 +257,28 @@ def test_follow_a_job_that_starts_later_and_back_to_latest(broadcaster):
         assert hello["following"] == "latest" and hello["job"] == "future"
 
 
+def test_following_the_stream_already_playing_sends_its_speech_only_once(broadcaster):
+    # The page's player follows the latest stream; when a job starts the page also tells it to follow that job:
+    # the speech it has scheduled must not come again (it would be heard twice).
+    from live.clock import StreamClock
+
+    broadcaster.open_stream("job1", StreamClock())
+    pcm = np.zeros(3200, dtype=np.int16)
+    with connect(broadcaster.url) as ws:
+        receive(ws)
+        broadcaster.publish_audio("job1", 0.0, pcm)
+        broadcaster.publish_audio("job1", 0.2, pcm)
+        receive_until(ws, lambda m: m["type"] == "audio" and m["t"] == pytest.approx(0.2))
+        ws.send(json.dumps({"type": "follow", "job": "job1"}))
+        hello = receive(ws)
+        assert hello["type"] == "hello" and hello["job"] == "job1" and hello["following"] == "job"
+        broadcaster.publish_audio("job1", 0.4, pcm)
+        after = receive_until(ws, lambda m: m["type"] == "audio")
+        assert [m["t"] for m in after if m["type"] == "audio"] == pytest.approx([0.4])
+        ws.send(json.dumps({"type": "follow", "job": "job2"}))  # another stream: its hello and its state
+        assert receive(ws)["job"] == "job2"
+
+
 def test_speech_is_queued_in_order_and_a_late_joiner_gets_the_clock_and_the_speech_from_now_on(broadcaster):
     from live.clock import StreamClock
 

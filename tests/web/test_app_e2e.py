@@ -70,6 +70,7 @@ def test_generate_on_the_example_streams_preview_final_and_returns_the_mp4(runni
     done = viewer.wait_for(lambda m: m["type"] == "done", timeout=10)
     viewer.close()
     job = done["job"]
+    assert result[0] == job  # the API's first output names the job's live stream (/viewer?job=<id>)
     messages = [m for m in viewer.messages if m.get("job") == job]
 
     # The viewer was shown the face moving at once — the idle animation, or straight away the preview when the Lite
