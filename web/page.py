@@ -115,9 +115,9 @@ def build_ui(studio, sessions=None, max_jobs: int = 1, viewer_token: str | None 
                 yield gr.skip(), progress_html(snap), gr.skip(), gr.skip()  # the reason stays after the pop-up
                 raise gr.Error(snap.error or "Generation failed.", title="Generation failed")
             if snap.state == "cancelled":
-                yield gr.skip(), STOPPED_HTML, None, ""
+                yield job.id, STOPPED_HTML, None, ""
                 return
-            yield gr.skip(), progress_html(snap), snap.video_path, result_text(snap)
+            yield job.id, progress_html(snap), snap.video_path, result_text(snap)  # the API's result names it too
         finally:
             if not job.finished:  # the page went away or an API client cancelled this event: stop the work too
                 job.cancel()
