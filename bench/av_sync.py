@@ -1,11 +1,12 @@
 """Sound and picture in a real browser: how soon the speech is heard, and how well the mouth keeps with it.
 
-    python -m bench.av_sync [--engines lite,sadtalker] [--clips example,30s] [--repeats 2]
+    python -m bench.av_sync [--engines lite,sadtalker] [--clips example,30s] [--watch page,tab] [--repeats 2]
 
 For each engine and clip: the app is started (``app.py``; SadTalker on synthetic official-layout weights, written
 once into the temp dir), the portrait and the speech are uploaded in the page, and Generate is clicked in Chromium
-(Playwright, ``--autoplay-policy=no-user-gesture-required``, so Web Audio plays without a click), with the live
-viewer open in its own tab. Printed per run:
+(Playwright, ``--autoplay-policy=no-user-gesture-required``, so Web Audio plays without a click). Where it is
+watched (``--watch``): ``page``, the page's own live player (what the person who clicked sees and hears); ``tab``,
+a viewer in its own tab beside the page (two players on the same CPU). Printed per run:
 
 * click -> first sound (ms): from the click (the button pressed, by the browser's clock) to the moment the first piece of speech starts to sound in the viewer
   (its scheduled start on the Web Audio clock, output latency included); with two steps on the way: the job seen
