@@ -13,12 +13,14 @@ thread without blocking. Every message is JSON with a ``type`` and the ``job`` (
 * ``error``    ``message``
 
 ``t`` is where a frame or a piece of speech sits on the stream's timeline (seconds since the stream started);
-speech is sent a little ahead of the frames it belongs to, frames when their time comes. A viewer follows the latest
+speech is sent a little ahead of the frames it belongs to, frames as their time comes (a playing clip's, and a
+session's, up to a few ticks before it: a viewer holds them until their time). A viewer follows the latest
 stream unless it sends ``{"type": "follow", "job": "<id>"}`` (``"job": null`` goes back to following the latest).
 
 Each frame is JPEG-encoded once, on the broadcaster's encoder thread, whatever the number of viewers. A viewer gets,
 per stream and message type, only the newest message that it has not been sent yet — except speech, which is queued
-in order (a bounded queue): a slow viewer skips frames (memory stays bounded) and never slows the producer. A viewer
+in order (a bounded queue), and frames sent ahead of their time, which wait in order until their time is past
+(``STALE_FRAME_S``): a slow viewer skips frames (memory stays bounded) and never slows the producer. A viewer
 that joins late is sent the stream's clock, its current status, progress, latest frame and the speech from the
 current position on.
 
@@ -59,6 +61,11 @@ MAX_CLIENT_MESSAGE_BYTES = 256 * 1024  # control messages, and speech from a mic
 # A viewer whose socket holds more unsent bytes than this is behind: its messages wait in its latest-only slots.
 WRITE_BACKLOG_BYTES = 256 * 1024
 MAX_REMEMBERED_JOBS = 16  # finished jobs stay joinable (a late viewer still gets their result) up to this many
+# A frame this long past its time is of no use to a player (it plays ~0.1 s behind and drops late frames): one that
+# waits (for the encoder, or for a slow viewer's socket) is replaced by a newer one. Frames sent ahead of their time
+# wait in order, each needed when its time comes.
+STALE_FRAME_S = 0.1
+MAX_WAITING_FRAMES = 8  # per stream, for the encoder and per viewer (frames go out at most ~0.2 s ahead)
 MAX_QUEUED_AUDIO = 40  # speech messages (8 s) a slow viewer may have waiting; older ones are dropped
 RECENT_AUDIO = 50  # speech messages kept per stream for viewers that join mid-utterance (those not yet over)
 DEFAULT_MAX_VIEWERS = 300
@@ -70,6 +77,11 @@ def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def _stale(t: float, now: float | None) -> bool:
+    """A frame at ``t`` whose time is past (without the stream's clock: every frame but the newest)."""
+    return now is None or t + STALE_FRAME_S < now
 
 
 class RateLimitedLog:
@@ -105,7 +117,7 @@ class _Viewer:
     connection: ServerConnection
     follow: str | None = None  # a job id, or None for "the latest job"
     # (job, type) -> the newest unsent message of that kind; job None = not about a job (hello, pong);
-    # speech has one entry per message: (job, "audio", t)
+    # speech has one entry per message: (job, "audio", id), frames one per frame still of use: (job, "frame", t)
     pending: "OrderedDict[tuple, bytes]" = field(default_factory=OrderedDict)
     queued_audio: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,9 +151,9 @@ class Broadcaster:
         self._jobs: "OrderedDict[str, _Job]" = OrderedDict()
         self._clocks: dict[str, StreamClock] = {}  # read by producer threads (stamping) and the loop
         self._latest_job: str | None = None
-        # Frames waiting for the encoder thread: only the newest per job is kept.
+        # Frames waiting for the encoder thread, per job in order: those still of use (see STALE_FRAME_S).
         self._frames_lock = threading.Condition()
-        self._frames_waiting: "OrderedDict[str, dict]" = OrderedDict()
+        self._frames_waiting: "OrderedDict[str, deque[dict]]" = OrderedDict()
         self._encoder: threading.Thread | None = None
         self._stopping = False
         self._complaints = RateLimitedLog(log)
@@ -295,16 +307,19 @@ class Broadcaster:
 
     def publish_frame(self, job: str, seq: int, t: float, quality: str, rgb: np.ndarray | None = None,
                       jpeg: bytes | None = None) -> None:
-        """Queue a frame (pixels to encode, or a JPEG already encoded); if the encoder is behind, an older queued
-        frame of this job is dropped."""
+        """Queue a frame (pixels to encode, or a JPEG already encoded); if the encoder is behind, queued frames of
+        this job whose time is past are dropped (frames sent ahead of their time wait in order)."""
         if jpeg is None and (rgb is None or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3):
             raise ValueError(f"frame must be (H, W, 3) uint8 or a JPEG, got {getattr(rgb, 'shape', None)}")
+        frame = {"type": "frame", "job": job, "seq": int(seq), "t": round(float(t), 4), "quality": quality,
+                 "rgb": rgb, "jpeg": jpeg}
+        now = self._now(job)
         with self._frames_lock:
-            if job in self._frames_waiting:
+            waiting = self._frames_waiting.setdefault(job, deque())
+            while waiting and (len(waiting) >= MAX_WAITING_FRAMES or _stale(waiting[0]["t"], now)):
+                waiting.popleft()
                 self.frames_dropped_before_encoding += 1
-            self._frames_waiting[job] = {"type": "frame", "job": job, "seq": int(seq), "t": round(float(t), 4),
-                                         "quality": quality, "rgb": rgb, "jpeg": jpeg}
-            self._frames_waiting.move_to_end(job)
+            waiting.append(frame)
             self._frames_lock.notify()
 
     def _now(self, job: str) -> float | None:
@@ -315,12 +330,13 @@ class Broadcaster:
         data = json.dumps(message, separators=(",", ":")).encode("utf-8")
         self._deliver_threadsafe(message["job"], message["type"], data)
 
-    def _deliver_threadsafe(self, job: str, kind: str, data: bytes, audio_end: float | None = None) -> None:
+    def _deliver_threadsafe(self, job: str, kind: str, data: bytes, audio_end: float | None = None,
+                            t: float | None = None) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(self._deliver, job, kind, data, audio_end)
+            loop.call_soon_threadsafe(self._deliver, job, kind, data, audio_end, t)
         except RuntimeError:  # the loop closed between the check and the call (shutdown)
             pass
 
@@ -331,7 +347,12 @@ class Broadcaster:
                     self._frames_lock.wait()
                 if self._stopping:
                     return
-                job, frame = self._frames_waiting.popitem(last=False)
+                job, waiting = next(iter(self._frames_waiting.items()))
+                frame = waiting.popleft()
+                if waiting:
+                    self._frames_waiting.move_to_end(job)  # the streams take turns
+                else:
+                    del self._frames_waiting[job]
             rgb, jpeg = frame.pop("rgb"), frame.pop("jpeg")
             if jpeg is None:
                 jpeg = encode_jpeg(rgb)
@@ -341,10 +362,12 @@ class Broadcaster:
                 frame["width"], frame["height"] = Image.open(io.BytesIO(jpeg)).size  # reads the header only
             frame["now"] = self._now(job)
             frame["jpeg"] = base64.b64encode(jpeg).decode("ascii")
-            self._deliver_threadsafe(job, "frame", json.dumps(frame, separators=(",", ":")).encode("utf-8"))
+            self._deliver_threadsafe(job, "frame", json.dumps(frame, separators=(",", ":")).encode("utf-8"),
+                                     t=frame["t"])
 
     # ----------------------------------------------------------------------------------------------- the loop side
-    def _deliver(self, job: str, kind: str, data: bytes, audio_end: float | None = None) -> None:
+    def _deliver(self, job: str, kind: str, data: bytes, audio_end: float | None = None,
+                 t: float | None = None) -> None:
         state = self._jobs.get(job)
         if state is None:
             state = self._jobs[job] = _Job()
@@ -363,12 +386,12 @@ class Broadcaster:
             state.latest[kind] = data
         for viewer in self._viewers:
             if self._followed_job(viewer) == job:
-                self._queue(viewer, job, kind, data)
+                self._queue(viewer, job, kind, data, t)
 
     def _followed_job(self, viewer: _Viewer) -> str | None:
         return viewer.follow if viewer.follow is not None else self._latest_job
 
-    def _queue(self, viewer: _Viewer, job: str | None, kind: str, data: bytes) -> None:
+    def _queue(self, viewer: _Viewer, job: str | None, kind: str, data: bytes, t: float | None = None) -> None:
         if viewer.keeping_up():
             # Fast path: hand the message to the socket now, without a task switch per viewer and message.
             broadcast([viewer.connection], data, text=True)
@@ -380,6 +403,15 @@ class Broadcaster:
                 oldest = next(key for key in viewer.pending if key[1] == "audio")
                 del viewer.pending[oldest]
                 viewer.queued_audio -= 1
+        elif kind == "frame" and t is not None:
+            now = self._now(job)
+            waiting = [key for key in viewer.pending if key[:2] == (job, "frame") and len(key) == 3]
+            for key in waiting[:max(0, len(waiting) + 1 - MAX_WAITING_FRAMES)]:
+                del viewer.pending[key]
+            for key in waiting:
+                if key in viewer.pending and _stale(key[2], now):
+                    del viewer.pending[key]  # its time is past: the newer frame replaces it
+            viewer.pending[(job, kind, t)] = data
         else:
             # One slot per (job, type): a newer message replaces an unsent older one, keeping its place in the order.
             viewer.pending[(job, kind)] = data

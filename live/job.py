@@ -18,6 +18,7 @@ partial mp4; an unfinished job's folder is removed too. A job whose video is don
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 DISPLAY_MAX_SIDE = 512  # full-size final frames are shown downscaled (the mp4 keeps full size)
 PROGRESS_INTERVAL_S = 0.1  # progress messages at most 10 per second
 IDLE_HEAD_START_S = 0.5  # the engine waits at most this long for the idle animation to be on screen
+# While the clip plays, its frames are sent up to this long before their time (the speech goes further ahead): a
+# viewer holds them until their time, so a late message (a busy browser or CPU) costs no frame. Idle and rendering
+# frames are made at their time and go out then.
+FRAME_LEAD_S = 0.16
 KEEP_AHEAD_FRAMES = 20 * FPS  # final frames kept (display-size JPEG, a few KB each) ahead of the playhead
 FINAL_JPEG_QUALITY = 85
 ENGINE_NICENESS = 5  # the engine thread's scheduling priority below the live stream's threads
@@ -433,6 +438,7 @@ class _Player:
         self.feed: SpeechFeed | None = None
         self.pcm: np.ndarray | None = None
         self.reader: Mp4Reader | None = None
+        self.sent_through = -1  # the last clip frame of the current playback sent (frames go out ahead)
 
     def run(self) -> None:
         job, clock = self.job, self.job.clock
@@ -451,14 +457,26 @@ class _Player:
             if state.phase != self.state.phase or state.play_start != self.state.play_start:
                 self._enter(state, motion)
             self.state = state
-            if show is not None:
-                self._show(show, motion, latest)
-            if self.feed is not None:
+            if self.feed is not None:  # the speech first: it reaches a viewer before the frames it belongs to
                 for t, pcm in self.feed.due(now):
                     job._speak(t, pcm)
+            if show is not None and show.index is not None and state.phase in ("play", "replay"):
+                self._play_ahead(show, known, motion, latest)
+            elif show is not None:
+                self._show(show, motion, latest)
             if state.phase == "ended":
                 return
             next_tick = self._next_tick(next_tick, clock.now())
+
+    def _play_ahead(self, show: Show, known: Known, motion: MotionReady | None, latest: Frame | None) -> None:
+        """The clip's frames from the playhead up to FRAME_LEAD_S ahead that are not sent yet, each decided as at
+        its own time with what is known now."""
+        last = min(known.num_frames - 1, playhead(self.state, known.now + FRAME_LEAD_S))
+        for index in range(max(show.index, self.sent_through + 1), last + 1):
+            if index != show.index:
+                show, self.state = decide(dataclasses.replace(known, now=frame_time(self.state, index)), self.state)
+            self._show(show, motion, latest)
+            self.sent_through = index
 
     def _next_tick(self, previous: float, now: float) -> float:
         if self.state.phase in ("play", "replay"):
@@ -476,6 +494,7 @@ class _Player:
             if self.pcm is None:
                 self.pcm = to_pcm16(motion.audio)
             self.feed = SpeechFeed(self.pcm, state.play_start)
+            self.sent_through = -1
             self._close_reader()
             if state.phase == "replay":
                 self._open_reader(0)  # ffmpeg starts decoding now, so frame 0 is at hand when its time comes
