@@ -121,6 +121,26 @@ def test_each_frame_is_encoded_once_whatever_the_number_of_viewers(broadcaster):
         assert broadcaster.frames_encoded <= 10
 
 
+def test_frames_sent_ahead_of_their_time_all_arrive_in_order_and_past_ones_give_way(broadcaster):
+    from live.clock import StreamClock
+
+    clock = StreamClock()
+    broadcaster.open_stream("job1", clock)
+    noise = np.random.default_rng(1).integers(0, 256, (384, 384, 3), dtype=np.uint8)  # ~100 kB JPEG each
+    with connect(broadcaster.url) as ws:
+        receive(ws)
+        now = clock.now()
+        for seq in range(6):  # a clip's next frames, published at once ahead of their time (a burst of ~600 kB)
+            broadcaster.publish_frame("job1", seq, now + 0.04 * seq, "final", noise)
+        got = receive_until(ws, lambda m: m["type"] == "frame" and m["seq"] == 5)
+        assert [m["seq"] for m in got if m["type"] == "frame"] == list(range(6))
+        # frames whose time is long past when they would go out are replaced by the newer ones
+        for seq in range(6, 12):
+            broadcaster.publish_frame("job1", seq, now - 1.0 + 0.04 * seq, "final", noise)
+        got = receive_until(ws, lambda m: m["type"] == "frame" and m["seq"] == 11)
+        assert [m["seq"] for m in got if m["type"] == "frame"][-1] == 11
+
+
 def test_slow_viewer_gets_only_latest_frames_and_never_slows_the_producer(broadcaster):
     noise = np.random.default_rng(0).integers(0, 256, (384, 384, 3), dtype=np.uint8)  # ~100 kB JPEG each
     fast_received: list[dict] = []
