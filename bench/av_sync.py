@@ -98,14 +98,16 @@ def wait_for(condition, timeout: float, what: str):
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def embedded_player(page, timeout: float = 30.0):
-    """The page's own live player: the viewer in the iframe made for the job just started."""
+def embedded_player(page, since_epoch_ms: float, timeout: float = 30.0):
+    """The page's own live player (the viewer embedded in it), once it has the speech of a job started after
+    ``since_epoch_ms``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for frame in page.frames:
-            if "embed=1&job=" in frame.url:
+            if "/viewer?embed=1" in frame.url:
                 try:
-                    if frame.evaluate("() => !!(window.liveStats && window.liveStats.first_audio_epoch_ms)"):
+                    if frame.evaluate("since => (window.liveStats.first_audio_epoch_ms || 0) > since",
+                                      since_epoch_ms):
                         return frame
                 except Exception:  # the frame is still loading
                     pass
@@ -133,7 +135,7 @@ def one_run(browser, app: App, audio: str, engine: str, watch: str) -> dict:
                   " window.benchPressedAt = performance.timeOrigin + event.timeStamp; }, true)")
     page.get_by_role("button", name="Generate").click()
     clicked = page.evaluate("() => window.benchPressedAt")
-    viewer = tab if tab is not None else embedded_player(page)
+    viewer = tab if tab is not None else embedded_player(page, clicked)
     first_sound = wait_for(lambda: live_stats(viewer)["first_sound_epoch_ms"], 120, "the first sound")
     # the clip's playback with sound: until the stream renders (slow engine) or is finished (fast engine)
     wait_for(lambda: any(word in status_text(viewer) for word in ("Rendering", "ready", "Stopped")), 600,
