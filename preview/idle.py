@@ -11,7 +11,7 @@ from core.engine import PREVIEW_SIZE
 from core.landmarks import LandmarkDetector, shared_detector
 
 from .motion import IdleMotion
-from .warp import CropRenderer
+from .warp import prepared_crop_renderer
 
 
 class IdleAnimator:
@@ -28,7 +28,7 @@ class IdleAnimator:
             points = (detector if detector is not None else shared_detector()).detect(rgb).points
         self.size = int(size)
         self.motion = IdleMotion(seed)
-        self._renderer = CropRenderer(rgb, points, self.size)
+        self._renderer = prepared_crop_renderer(rgb, points, self.size)
 
     def render(self, t_seconds: float) -> np.ndarray:
         return self._renderer.render(self.motion.pose(t_seconds))

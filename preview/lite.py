@@ -20,7 +20,7 @@ from core.options import FPS, SAMPLE_RATE, Options
 from core.video import optional_mp4_writer
 
 from .motion import Motion, motion_from_audio
-from .warp import CropRenderer, FaceWarper
+from .warp import FaceWarper, prepared_crop_renderer
 
 PROGRESS_EVERY = 5  # render progress is reported at least every this many frames
 
@@ -31,8 +31,8 @@ class LitePreview:
     def __init__(self, rgb: np.ndarray, points: np.ndarray, motion: Motion, size: int = PREVIEW_SIZE):
         self.num_frames = motion.num_frames
         self._motion = motion
-        self._renderer = CropRenderer(rgb, points, size)
-        self._renderer.prepare()  # the preview plays in real time: no frame should wait for set-up
+        # prepared (the preview plays in real time: no frame waits for set-up), made on upload with the idle animation
+        self._renderer = prepared_crop_renderer(rgb, points, size)
 
     def render(self, index: int) -> np.ndarray:
         """(size, size, 3) uint8 of frame ``index`` (clamped to the clip). Thread-safe: no shared mutable state."""

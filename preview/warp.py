@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from core.engine import PREVIEW_SIZE
+from core.remembered import Remembered
 
 from .crop import EYE_A, EYE_B, cut_crop, face_crop_box
 from .tps import tps
@@ -510,6 +511,28 @@ class CropRenderer:
 
     def render(self, pose: Pose) -> np.ndarray:
         return self.warper.render(pose)
+
+
+_prepared = Remembered(items=4, max_bytes=32 << 20)  # the last few faces' crop renderers, set up
+
+
+def prepared_crop_renderer(rgb: np.ndarray, points: np.ndarray, size: int = PREVIEW_SIZE) -> CropRenderer:
+    """A prepared CropRenderer of this face; the same face at the same size (found again from the crop's pixels)
+    gets the one made before. The app makes it when a photo is uploaded (the idle animation's): a click then has
+    its preview renderer at hand (~30 ms, a good part of the Lite engine's time to its first frame)."""
+    points = np.asarray(points, dtype=np.float64)
+    key = (rgb.shape, points.tobytes(), int(size))
+    renderer = _prepared.get(key)
+    if renderer is not None:
+        margin = max(2, int(round(CropRenderer.MARGIN * int(size))))
+        crop, _ = cut_crop(rgb, face_crop_box(points), int(size), margin)
+        if np.array_equal(crop, renderer.warper.image):  # the same photo, not only the same landmarks
+            return renderer
+    renderer = CropRenderer(rgb, points, size)
+    renderer.prepare()
+    _prepared.put(key, renderer, sum(value.nbytes for value in vars(renderer.warper).values()
+                                     if isinstance(value, np.ndarray)))
+    return renderer
 
 
 # ---------------------------------------------------------------------------------------------------------------

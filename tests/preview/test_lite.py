@@ -299,6 +299,20 @@ def test_missing_audio_is_a_clear_error(engine, tmp_path):
 
 # --- idle animation -----------------------------------------------------------------------------------------------
 
+def test_the_preview_renderer_made_for_the_idle_animation_is_the_clips_and_only_for_the_same_photo(detector,
+                                                                                                   portrait):
+    from preview.warp import prepared_crop_renderer
+
+    points = detector.detect(portrait).points
+    made_on_upload = IdleAnimator(portrait, detector=detector, seed=1)._renderer
+    assert prepared_crop_renderer(portrait, points) is made_on_upload  # the click finds it set up
+    assert prepared_crop_renderer(portrait.copy(), points.copy()) is made_on_upload  # same content, new arrays
+    darker = (portrait // 2).astype(np.uint8)  # another photo with the same landmarks: its own renderer
+    other = prepared_crop_renderer(darker, points)
+    assert other is not made_on_upload
+    assert other.render(REST).mean() < made_on_upload.render(REST).mean() - 20
+
+
 def test_idle_starts_from_the_still_crop_in_the_preview_framing(engine, detector, portrait, tmp_path):
     idle = IdleAnimator(portrait, detector=detector, seed=4)
     first = idle.render(0.0)
