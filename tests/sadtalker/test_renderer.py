@@ -116,9 +116,11 @@ def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(sha
     assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 24, 6, 40, 36), (2, 8, 16, 3, 17, 16)])
+@pytest.mark.parametrize("shape", [(1, 16, 24, 6, 40, 36), (2, 8, 16, 3, 17, 16), (1, 32, 48, 5, 4, 4),
+                                   (1, 24, 16, 4, 8, 6)])
 def test_winograd_3d_convolution_is_within_float32_rounding_of_float64(shape, monkeypatch):
-    # (B, C_in, C_out, D, H, W): the depth taps summed in the Winograd domain, zero-padded depth ends, bands
+    # (B, C_in, C_out, D, H, W): the depth taps summed in the Winograd domain, zero-padded depth ends, bands,
+    # maps of one tile and of a part tile (the hourglass's innermost levels)
     b, c_in, c_out, d, h, w = shape
     monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
     g = torch.Generator().manual_seed(d)
