@@ -141,6 +141,9 @@ _WINOGRAD_ALL_ONES_POINT = 1 * 6 + 1  # flat index of point (1, 1): A^T e_1 = (1
 # Bytes of the largest transformed array of a band (rows of tiles, times depth slices): a few MB stay in cache,
 # where a whole 256x256 map would take hundreds of MB, and the matrix products stay wide enough for MKL.
 WINOGRAD_BAND_BYTES = 8 << 20
+# ... but at least this many tiles per band (if the map has them): with many channels (the 1536 merged SPADE hidden
+# channels) 8 MB would be 2 rows of tiles, and products only 32 columns wide run at half MKL's speed.
+WINOGRAD_MIN_BAND_TILES = 128
 # Fewer output channels than this: the transforms would cost more than the products they save.
 WINOGRAD_MIN_OUT_CHANNELS = 16
 # 3x3x3 convolutions on maps down to one tile (4x4) beat oneDNN's direct 3-D convolution by 2-4x (measured, one
@@ -204,7 +207,7 @@ def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | N
     # (C, D + k - 1, 4*th + 2, 4*tw + 2): zero ring of 1 pixel (more at the far edges up to whole tiles), k // 2 slices
     padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h, k // 2, k // 2))
     row_bytes = 36 * 4 * max(c * dp, c_out * d) * tw  # the largest transformed array, per row of tiles
-    rows = max(1, min(th, WINOGRAD_BAND_BYTES // row_bytes))
+    rows = max(1, min(th, max(WINOGRAD_BAND_BYTES // row_bytes, -(-WINOGRAD_MIN_BAND_TILES // tw))))
     most = rows * tw
     scratch_in = _WORKSPACE.get("in", max(36 * c * dp, 16 * c_out * d) * most, x.device)  # input tiles, then A^T m A
     scratch_v = _WORKSPACE.get("v", 36 * c * dp * most, x.device)
