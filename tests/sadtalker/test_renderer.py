@@ -109,6 +109,7 @@ def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(sha
     # (B, C_in, C_out, H, W): several bands of tile rows, sizes that are not whole tiles, a batch
     b, c_in, c_out, h, w = shape
     monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
     g = torch.Generator().manual_seed(h)
     x = torch.randn(b, c_in, h, w, generator=g)
     weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
@@ -128,6 +129,7 @@ def test_winograd_3d_convolution_is_within_float32_rounding_of_float64(shape, mo
     # maps of one tile and of a part tile (the hourglass's innermost levels)
     b, c_in, c_out, d, h, w = shape
     monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
     g = torch.Generator().manual_seed(d)
     x = torch.randn(b, c_in, d, h, w, generator=g)
     weight = torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5
