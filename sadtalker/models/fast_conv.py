@@ -189,23 +189,43 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
+def _padded_channels_last(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """x (D, H, W, C) -> (D, 4*th + 2, 4*tw + 2, C) in this thread's scratch memory: x with a zero ring of 1 pixel
+    (more at the far edges up to whole tiles); copied as runs of C values, only the ring is zeroed."""
+    d, h, w, c = x.shape
+    padded = _WORKSPACE.get("padded", d * (4 * th + 2) * (4 * tw + 2) * c, x.device).view(d, 4 * th + 2, 4 * tw + 2, c)
+    padded[:, 0].zero_()
+    padded[:, h + 1:].zero_()
+    padded[:, 1:h + 1, 0].zero_()
+    padded[:, 1:h + 1, w + 1:].zero_()
+    padded[:, 1:h + 1, 1:w + 1].copy_(x)
+    return padded
+
+
 def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                     negative_slope: float | None = None) -> None:
+                     negative_slope: float | None = None, channels_last: bool = False) -> None:
     """out (C_out, D, H, W) = the 3x3 'same' convolution of the volume x (C, D, H, W) with ``taps`` (k, 36, C_out, C)
     depth taps (k = 1: each depth slice on its own, k = 3: a 3x3x3 convolution zero-padded in depth), followed by
     ``leaky_relu(., negative_slope)`` unless None (0: ReLU), applied to each band while it is in cache.
+
+    ``channels_last`` (k = 1 only): x is given as (D, H, W, C) with the channels innermost in memory (a channels-last
+    map, or a channel slice of one): its tiles are gathered as runs of C values, where bringing it to the planar
+    layout first was a transposing copy at ~0.5 GB/s (the 256x256 SPADE hidden maps).
 
     Band by band (rows of tiles, every depth slice): input tiles -> B^T d B (one matrix product), then per Winograd
     point the products summed over the input channels and depth taps (k accumulating matrix products on shifted
     depth windows of the transformed input), then A^T m A (one matrix product) straight into ``out``.
     """
-    c, d, h, w = x.shape
+    d, h, w, c = x.shape if channels_last else (x.shape[1], x.shape[2], x.shape[3], x.shape[0])
     k, _, c_out, _ = taps.shape
+    assert k == 1 or not channels_last
     th, tw = -(-h // 4), -(-w // 4)
     kb, ka = _winograd_transforms(x.device)
     dp = d + k - 1
-    # (C, D + k - 1, 4*th + 2, 4*tw + 2): zero ring of 1 pixel (more at the far edges up to whole tiles), k // 2 slices
-    padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h, k // 2, k // 2))
+    if channels_last:
+        padded = _padded_channels_last(x, th, tw)  # (D, 4*th + 2, 4*tw + 2, C)
+    else:  # (C, D + k - 1, 4*th + 2, 4*tw + 2): zero ring of 1 pixel (more at the far edges up to whole tiles)
+        padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h, k // 2, k // 2))
     row_bytes = 36 * 4 * max(c * dp, c_out * d) * tw  # the largest transformed array, per row of tiles
     rows = max(1, min(th, max(WINOGRAD_BAND_BYTES // row_bytes, -(-WINOGRAD_MIN_BAND_TILES // tw))))
     most = rows * tw
@@ -215,19 +235,30 @@ def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | N
     for r0 in range(0, th, rows):
         r1 = min(th, r0 + rows)
         tiles = (r1 - r0) * tw
-        band = padded[:, :, 4 * r0:4 * r1 + 2]  # (C, Dp, 4*rows + 2, 4*tw + 2)
-        tile_in = band.unfold(2, 6, 4).unfold(3, 6, 4)  # (C, Dp, rows, tw, 6, 6): overlapping input tiles
-        # Tiles are copied whole (runs of 6 values in, 36 out) and transformed by a product with the transposed
-        # tile matrix; the results come out as whole 4x4 tiles the same way: both copies stay local in memory.
-        d_tiles = scratch_in[:36 * c * dp * tiles].view(c, dp, r1 - r0, tw, 6, 6)
-        d_tiles.copy_(tile_in)
         v = scratch_v[:36 * c * dp * tiles].view(36, c * dp * tiles)
-        torch.mm(kb, d_tiles.view(c * dp * tiles, 36).t(), out=v)  # B^T d B of every tile, channel and slice
-        v = v.view(36, c, dp, tiles)
+        if channels_last:
+            band = padded[:, 4 * r0:4 * r1 + 2]  # (D, 4*rows + 2, 4*tw + 2, C)
+            tile_in = band.unfold(1, 6, 4).unfold(2, 6, 4)  # (D, rows, tw, C, 6, 6): overlapping input tiles
+            # gathered point by point, runs of C values: (6, 6, D, rows, tw, C)
+            d_tiles = scratch_in[:36 * c * d * tiles].view(6, 6, d, r1 - r0, tw, c)
+            d_tiles.copy_(tile_in.permute(4, 5, 0, 1, 2, 3))
+            torch.mm(kb, d_tiles.view(36, d * tiles * c), out=v)  # B^T d B of every tile, slice and channel
+            operands = [v.view(36, d * tiles, c).transpose(1, 2)]  # (36, C, D*tiles): transposed matrices
+        else:
+            band = padded[:, :, 4 * r0:4 * r1 + 2]  # (C, Dp, 4*rows + 2, 4*tw + 2)
+            tile_in = band.unfold(2, 6, 4).unfold(3, 6, 4)  # (C, Dp, rows, tw, 6, 6): overlapping input tiles
+            # Tiles are copied whole (runs of 6 values in, 36 out) and transformed by a product with the transposed
+            # tile matrix; the results come out as whole 4x4 tiles (see below): both copies stay local in memory.
+            d_tiles = scratch_in[:36 * c * dp * tiles].view(c, dp, r1 - r0, tw, 6, 6)
+            d_tiles.copy_(tile_in)
+            torch.mm(kb, d_tiles.view(c * dp * tiles, 36).t(), out=v)  # B^T d B of every tile, channel and slice
+            v = v.view(36, c, dp, tiles)
+            # depth tap kd reads v[:, :, kd:kd + d], a strided matrix per point: no copy
+            operands = [v[:, :, kd:kd + d].reshape(36, c, d * tiles) for kd in range(k)]
         m = scratch_m[:36 * c_out * d * tiles].view(36, c_out, d * tiles)
-        torch.bmm(taps[0], v[:, :, 0:d].reshape(36, c, d * tiles), out=m)  # summed over C
-        for kd in range(1, k):  # v[:, :, kd:kd + d] is a strided matrix per point: no copy
-            m.baddbmm_(taps[kd], v[:, :, kd:kd + d].reshape(36, c, d * tiles))
+        torch.bmm(taps[0], operands[0], out=m)  # summed over C
+        for kd in range(1, k):
+            m.baddbmm_(taps[kd], operands[kd])
         if bias is not None:
             # A^T u u^T A with u the unit vector of interpolation point 1 (column (1, 1, 1, 1) of A^T) is all
             # ones: the bias added to that one Winograd point reaches all 16 outputs of the tile, and the
@@ -240,6 +271,7 @@ def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | N
         # loops ran at ~1 GB/s, as wide elements it runs at memory speed. Bits are moved, not converted.
         y = y.view(torch.complex128).view(c_out, d, r1 - r0, tw, 4).transpose(3, 4)  # (C_out, D, rows, 4, tw)
         out[:, :, 4 * r0:4 * r1].view(torch.complex128).view(c_out, d, r1 - r0, 4, tw).copy_(y)
+
 
 def _activate_(x: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
     """``leaky_relu(x, negative_slope)`` in place (0: ReLU; None: x unchanged)."""
@@ -261,7 +293,12 @@ def winograd_conv3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: to
     th, tw = -(-h // 4), -(-w // 4)
     out = x.new_empty(b, c_out, 4 * th, 4 * tw)
     # the batch as the depth of a volume convolved slice by slice
-    _winograd_volume(x.transpose(0, 1), transformed_weight.unsqueeze(0), bias, out.transpose(0, 1), negative_slope)
+    if x.stride(1) == 1 and x.shape[1] > 1:  # channels innermost (channels-last, or a channel slice of it)
+        _winograd_volume(x.permute(0, 2, 3, 1), transformed_weight.unsqueeze(0), bias, out.transpose(0, 1),
+                         negative_slope, channels_last=True)
+    else:
+        _winograd_volume(x.transpose(0, 1), transformed_weight.unsqueeze(0), bias, out.transpose(0, 1),
+                         negative_slope)
     return out if (4 * th, 4 * tw) == (h, w) else out[:, :, :h, :w].contiguous()
 
 

@@ -122,6 +122,25 @@ def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(sha
     assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 24, 64, 72), (2, 8, 16, 58, 38)])
+def test_winograd_convolution_of_a_channels_last_slice_is_within_float32_rounding_of_float64(shape, monkeypatch):
+    # the SPADE hidden maps: a channel slice of a channels-last map, read in place (channels innermost)
+    b, c_in, c_out, h, w = shape
+    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
+    g = torch.Generator().manual_seed(w)
+    wide = torch.randn(b, 3 * c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    x = wide[:, c_in:2 * c_in]
+    assert x.stride(1) == 1 and not x.is_contiguous()
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
+    bias = torch.randn(c_out, generator=g)
+    with torch.inference_mode():
+        ours = conv2d_same(x, weight, bias, negative_slope=0.2)
+    expected = F.leaky_relu(F.conv2d(x.double(), weight.double(), bias.double(), padding=1), 0.2)
+    assert ours.shape == expected.shape and ours.is_contiguous()
+    assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize("shape", [(1, 16, 24, 6, 40, 36), (2, 8, 16, 3, 17, 16), (1, 32, 48, 5, 4, 4),
                                    (1, 24, 16, 4, 8, 6)])
 def test_winograd_3d_convolution_is_within_float32_rounding_of_float64(shape, monkeypatch):
