@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cpu_memory import keep_freed_memory
 from .keypoints import transform_keypoints
 from .models.fast_conv import LOW_PRECISION_DTYPES, conv_precision
 from .models.generator import OcclusionAwareSPADEGenerator, SourceFeatures
@@ -232,6 +233,8 @@ class FaceRenderer:
         self.mappings = {m.first[0].in_channels: m for m in (mapping_crop, mapping_still) if m is not None}
         parameter = next(generator.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        if self.device.type == "cpu":
+            keep_freed_memory()  # process-wide: each frame reuses the last one's memory (see cpu_memory)
         self._lock = threading.Lock()
         self._last_canonical: tuple[bytes, torch.Tensor] | None = None  # (source image digest, keypoints)
 

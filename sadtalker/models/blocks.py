@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_conv import (DerivedTensors, SameConv2d, SameConv3d, conv2d_same, fast_paths_enabled,
+from .fast_conv import (DerivedTensors, SameConv2d, SameConv3d, conv2d_same, conv3d_same, fast_paths_enabled,
                         low_precision_dtype)
 
 
@@ -43,6 +43,35 @@ def keypoint_gaussians(keypoints: torch.Tensor, spatial_size: tuple[int, int, in
 # conv + norm blocks
 
 
+def fold_batch_norm(conv: nn.Conv2d | nn.Conv3d, norm: nn.BatchNorm2d | nn.BatchNorm3d
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of one convolution computing eval-mode ``norm(conv(x))``, folded in float64:
+    norm(y) = (y - mean) * s + beta with s = gamma / sqrt(var + eps), so weight * s and (bias - mean) * s + beta."""
+    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)  # (C_out,)
+    bias = torch.zeros_like(scale) if conv.bias is None else conv.bias.double()
+    weight = conv.weight.double() * scale.view(-1, *[1] * (conv.weight.dim() - 1))
+    folded_bias = (bias - norm.running_mean.double()) * scale + norm.bias.double()
+    return weight.to(conv.weight.dtype).contiguous(), folded_bias.to(conv.weight.dtype)
+
+
+def conv_norm_activation(x: torch.Tensor, conv: nn.Conv2d | nn.Conv3d, norm: nn.BatchNorm2d | nn.BatchNorm3d,
+                         derived: DerivedTensors, negative_slope: float = 0.0) -> torch.Tensor:
+    """``leaky_relu(norm(conv(x)), negative_slope)`` (0: ReLU) for a stride-1 'same' conv.
+
+    On the fast path (eval-mode BatchNorm, no autograd) the BatchNorm is folded into the convolution
+    (``fold_batch_norm``, cached in ``derived``) and the activation is applied by the convolution as it writes its
+    output: one pass over the result instead of three.
+    """
+    if norm.training or torch.is_grad_enabled() or not fast_paths_enabled():
+        out = norm(conv(x))
+        return F.leaky_relu(out, negative_slope) if negative_slope else F.relu(out)
+    weight, bias = derived.get("conv_norm", (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
+                                             norm.running_var), lambda: fold_batch_norm(conv, norm))
+    if weight.dim() == 4:
+        return conv2d_same(x, weight, bias, negative_slope=negative_slope)
+    return conv3d_same(x, weight, bias, negative_slope=negative_slope)
+
+
 class DownBlock2d(nn.Module):
     """conv -> BatchNorm -> ReLU -> 2x2 average pooling (halves H and W)."""
 
@@ -50,9 +79,10 @@ class DownBlock2d(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=kernel_size // 2)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
+        self._derived = DerivedTensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(F.relu(self.norm(self.conv(x))), kernel_size=2)
+        return F.avg_pool2d(conv_norm_activation(x, self.conv, self.norm, self._derived), kernel_size=2)
 
 
 class DownBlock3d(nn.Module):
@@ -62,9 +92,10 @@ class DownBlock3d(nn.Module):
         super().__init__()
         self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
+        self._derived = DerivedTensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool3d(F.relu(self.norm(self.conv(x))), kernel_size=(1, 2, 2))
+        return F.avg_pool3d(conv_norm_activation(x, self.conv, self.norm, self._derived), kernel_size=(1, 2, 2))
 
 
 class UpBlock3d(nn.Module):
@@ -74,10 +105,11 @@ class UpBlock3d(nn.Module):
         super().__init__()
         self.conv = SameConv3d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm3d(out_features, affine=True)
+        self._derived = DerivedTensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
-        return F.relu(self.norm(self.conv(x)))
+        return conv_norm_activation(x, self.conv, self.norm, self._derived)
 
 
 class SameBlock2d(nn.Module):
@@ -88,10 +120,10 @@ class SameBlock2d(nn.Module):
         self.conv = SameConv2d(in_features, out_features, kernel_size=kernel_size)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
         self.lrelu = lrelu
+        self._derived = DerivedTensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv(x))
-        return F.leaky_relu(x, 0.01) if self.lrelu else F.relu(x)
+        return conv_norm_activation(x, self.conv, self.norm, self._derived, 0.01 if self.lrelu else 0.0)
 
 
 class ResBlock3d(nn.Module):
@@ -171,12 +203,13 @@ class HourglassDecoder(nn.Module):
         self.out_filters = block_expansion + in_features
         self.conv = SameConv3d(self.out_filters, self.out_filters, kernel_size=3)
         self.norm = nn.BatchNorm3d(self.out_filters, affine=True)
+        self._derived = DerivedTensors()
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         out = levels[-1]
         for block, skip in zip(self.up_blocks, reversed(levels[:-1])):
             out = torch.cat([block(out), skip], dim=1)
-        return F.relu(self.norm(self.conv(out)))
+        return conv_norm_activation(out, self.conv, self.norm, self._derived)
 
 
 class Hourglass(nn.Module):

@@ -137,11 +137,18 @@ _WINOGRAD_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
 _WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
                (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+_WINOGRAD_ALL_ONES_POINT = 1 * 6 + 1  # flat index of point (1, 1): A^T e_1 = (1, 1, 1, 1)
 # Bytes of the largest transformed array of a band (rows of tiles, times depth slices): a few MB stay in cache,
 # where a whole 256x256 map would take hundreds of MB, and the matrix products stay wide enough for MKL.
 WINOGRAD_BAND_BYTES = 8 << 20
+# ... but at least this many tiles per band (if the map has them): with many channels (the 1536 merged SPADE hidden
+# channels) 8 MB would be 2 rows of tiles, and products only 32 columns wide run at half MKL's speed.
+WINOGRAD_MIN_BAND_TILES = 128
 # Fewer output channels than this: the transforms would cost more than the products they save.
 WINOGRAD_MIN_OUT_CHANNELS = 16
+# 3x3x3 convolutions on maps down to one tile (4x4) beat oneDNN's direct 3-D convolution by 2-4x (measured, one
+# thread: the hourglass's 512 -> 1024 channels at 16 x 4 x 4 took 125 ms, by Winograd 42 ms; 16 -> 16 at 8 x 8 too).
+WINOGRAD_3D_MIN_SIZE = 4
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,23 +189,45 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
-def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+def _padded_channels_last(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """x (D, H, W, C) -> (D, 4*th + 2, 4*tw + 2, C) in this thread's scratch memory: x with a zero ring of 1 pixel
+    (more at the far edges up to whole tiles); copied as runs of C values, only the ring is zeroed."""
+    d, h, w, c = x.shape
+    padded = _WORKSPACE.get("padded", d * (4 * th + 2) * (4 * tw + 2) * c, x.device).view(d, 4 * th + 2, 4 * tw + 2, c)
+    padded[:, 0].zero_()
+    padded[:, h + 1:].zero_()
+    padded[:, 1:h + 1, 0].zero_()
+    padded[:, 1:h + 1, w + 1:].zero_()
+    padded[:, 1:h + 1, 1:w + 1].copy_(x)
+    return padded
+
+
+def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                     negative_slope: float | None = None, channels_last: bool = False) -> None:
     """out (C_out, D, H, W) = the 3x3 'same' convolution of the volume x (C, D, H, W) with ``taps`` (k, 36, C_out, C)
-    depth taps (k = 1: each depth slice on its own, k = 3: a 3x3x3 convolution zero-padded in depth).
+    depth taps (k = 1: each depth slice on its own, k = 3: a 3x3x3 convolution zero-padded in depth), followed by
+    ``leaky_relu(., negative_slope)`` unless None (0: ReLU), applied to each band while it is in cache.
+
+    ``channels_last`` (k = 1 only): x is given as (D, H, W, C) with the channels innermost in memory (a channels-last
+    map, or a channel slice of one): its tiles are gathered as runs of C values, where bringing it to the planar
+    layout first was a transposing copy at ~0.5 GB/s (the 256x256 SPADE hidden maps).
 
     Band by band (rows of tiles, every depth slice): input tiles -> B^T d B (one matrix product), then per Winograd
     point the products summed over the input channels and depth taps (k accumulating matrix products on shifted
     depth windows of the transformed input), then A^T m A (one matrix product) straight into ``out``.
     """
-    c, d, h, w = x.shape
+    d, h, w, c = x.shape if channels_last else (x.shape[1], x.shape[2], x.shape[3], x.shape[0])
     k, _, c_out, _ = taps.shape
+    assert k == 1 or not channels_last
     th, tw = -(-h // 4), -(-w // 4)
     kb, ka = _winograd_transforms(x.device)
     dp = d + k - 1
-    # (C, D + k - 1, 4*th + 2, 4*tw + 2): zero ring of 1 pixel (more at the far edges up to whole tiles), k // 2 slices
-    padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h, k // 2, k // 2))
+    if channels_last:
+        padded = _padded_channels_last(x, th, tw)  # (D, 4*th + 2, 4*tw + 2, C)
+    else:  # (C, D + k - 1, 4*th + 2, 4*tw + 2): zero ring of 1 pixel (more at the far edges up to whole tiles)
+        padded = F.pad(x, (1, tw * 4 + 1 - w, 1, th * 4 + 1 - h, k // 2, k // 2))
     row_bytes = 36 * 4 * max(c * dp, c_out * d) * tw  # the largest transformed array, per row of tiles
-    rows = max(1, min(th, WINOGRAD_BAND_BYTES // row_bytes))
+    rows = max(1, min(th, max(WINOGRAD_BAND_BYTES // row_bytes, -(-WINOGRAD_MIN_BAND_TILES // tw))))
     most = rows * tw
     scratch_in = _WORKSPACE.get("in", max(36 * c * dp, 16 * c_out * d) * most, x.device)  # input tiles, then A^T m A
     scratch_v = _WORKSPACE.get("v", 36 * c * dp * most, x.device)
@@ -206,29 +235,53 @@ def _winograd_volume(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | N
     for r0 in range(0, th, rows):
         r1 = min(th, r0 + rows)
         tiles = (r1 - r0) * tw
-        band = padded[:, :, 4 * r0:4 * r1 + 2]  # (C, Dp, 4*rows + 2, 4*tw + 2)
-        tile_in = band.unfold(2, 6, 4).unfold(3, 6, 4)  # (C, Dp, rows, tw, 6, 6): overlapping input tiles
-        # Tiles are copied whole (runs of 6 values in, 36 out) and transformed by a product with the transposed
-        # tile matrix; the results come out as whole 4x4 tiles the same way: both copies stay local in memory.
-        d_tiles = scratch_in[:36 * c * dp * tiles].view(c, dp, r1 - r0, tw, 6, 6)
-        d_tiles.copy_(tile_in)
         v = scratch_v[:36 * c * dp * tiles].view(36, c * dp * tiles)
-        torch.mm(kb, d_tiles.view(c * dp * tiles, 36).t(), out=v)  # B^T d B of every tile, channel and slice
-        v = v.view(36, c, dp, tiles)
+        if channels_last:
+            band = padded[:, 4 * r0:4 * r1 + 2]  # (D, 4*rows + 2, 4*tw + 2, C)
+            tile_in = band.unfold(1, 6, 4).unfold(2, 6, 4)  # (D, rows, tw, C, 6, 6): overlapping input tiles
+            # gathered point by point, runs of C values: (6, 6, D, rows, tw, C)
+            d_tiles = scratch_in[:36 * c * d * tiles].view(6, 6, d, r1 - r0, tw, c)
+            d_tiles.copy_(tile_in.permute(4, 5, 0, 1, 2, 3))
+            torch.mm(kb, d_tiles.view(36, d * tiles * c), out=v)  # B^T d B of every tile, slice and channel
+            operands = [v.view(36, d * tiles, c).transpose(1, 2)]  # (36, C, D*tiles): transposed matrices
+        else:
+            band = padded[:, :, 4 * r0:4 * r1 + 2]  # (C, Dp, 4*rows + 2, 4*tw + 2)
+            tile_in = band.unfold(2, 6, 4).unfold(3, 6, 4)  # (C, Dp, rows, tw, 6, 6): overlapping input tiles
+            # Tiles are copied whole (runs of 6 values in, 36 out) and transformed by a product with the transposed
+            # tile matrix; the results come out as whole 4x4 tiles (see below): both copies stay local in memory.
+            d_tiles = scratch_in[:36 * c * dp * tiles].view(c, dp, r1 - r0, tw, 6, 6)
+            d_tiles.copy_(tile_in)
+            torch.mm(kb, d_tiles.view(c * dp * tiles, 36).t(), out=v)  # B^T d B of every tile, channel and slice
+            v = v.view(36, c, dp, tiles)
+            # depth tap kd reads v[:, :, kd:kd + d], a strided matrix per point: no copy
+            operands = [v[:, :, kd:kd + d].reshape(36, c, d * tiles) for kd in range(k)]
         m = scratch_m[:36 * c_out * d * tiles].view(36, c_out, d * tiles)
-        torch.bmm(taps[0], v[:, :, 0:d].reshape(36, c, d * tiles), out=m)  # summed over C
-        for kd in range(1, k):  # v[:, :, kd:kd + d] is a strided matrix per point: no copy
-            m.baddbmm_(taps[kd], v[:, :, kd:kd + d].reshape(36, c, d * tiles))
+        torch.bmm(taps[0], operands[0], out=m)  # summed over C
+        for kd in range(1, k):
+            m.baddbmm_(taps[kd], operands[kd])
+        if bias is not None:
+            # A^T u u^T A with u the unit vector of interpolation point 1 (column (1, 1, 1, 1) of A^T) is all
+            # ones: the bias added to that one Winograd point reaches all 16 outputs of the tile, and the
+            # write-out below stays a plain copy (1/36 of a pass instead of a strided add over the output).
+            m[_WINOGRAD_ALL_ONES_POINT].add_(bias.view(-1, 1))
         y = scratch_in[:16 * c_out * d * tiles].view(c_out * d * tiles, 16)
         torch.mm(m.view(36, c_out * d * tiles).t(), ka.t(), out=y)  # A^T m A, tile by tile
-        y = y.view(c_out, d, r1 - r0, tw, 4, 4).transpose(3, 4)  # (C_out, D, rows, 4, tw, 4)
-        target = out[:, :, 4 * r0:4 * r1].view(c_out, d, r1 - r0, 4, tw, 4)
-        if bias is None:
-            target.copy_(y)
-        else:
-            torch.add(y, bias.view(-1, 1, 1, 1, 1, 1), out=target)
+        _activate_(y, negative_slope)
+        # Each output tile row (4 floats, 16 bytes) moves as one complex128 element: a copy with 4-float inner
+        # loops ran at ~1 GB/s, as wide elements it runs at memory speed. Bits are moved, not converted.
+        y = y.view(torch.complex128).view(c_out, d, r1 - r0, tw, 4).transpose(3, 4)  # (C_out, D, rows, 4, tw)
+        out[:, :, 4 * r0:4 * r1].view(torch.complex128).view(c_out, d, r1 - r0, 4, tw).copy_(y)
 
-def winograd_conv3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+
+def _activate_(x: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
+    """``leaky_relu(x, negative_slope)`` in place (0: ReLU; None: x unchanged)."""
+    if negative_slope is None:
+        return x
+    return x.clamp_min_(0) if negative_slope == 0 else F.leaky_relu_(x, negative_slope)
+
+
+def winograd_conv3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: torch.Tensor | None,
+                     negative_slope: float | None = None) -> torch.Tensor:
     """Stride-1 3x3 convolution with zero padding 1 by Winograd F(4x4, 3x3), in bands of rows: a few big matrix
     products per band.
 
@@ -240,11 +293,17 @@ def winograd_conv3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: to
     th, tw = -(-h // 4), -(-w // 4)
     out = x.new_empty(b, c_out, 4 * th, 4 * tw)
     # the batch as the depth of a volume convolved slice by slice
-    _winograd_volume(x.transpose(0, 1), transformed_weight.unsqueeze(0), bias, out.transpose(0, 1))
+    if x.stride(1) == 1 and x.shape[1] > 1:  # channels innermost (channels-last, or a channel slice of it)
+        _winograd_volume(x.permute(0, 2, 3, 1), transformed_weight.unsqueeze(0), bias, out.transpose(0, 1),
+                         negative_slope, channels_last=True)
+    else:
+        _winograd_volume(x.transpose(0, 1), transformed_weight.unsqueeze(0), bias, out.transpose(0, 1),
+                         negative_slope)
     return out if (4 * th, 4 * tw) == (h, w) else out[:, :, :h, :w].contiguous()
 
 
-def winograd_conv3x3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def winograd_conv3x3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: torch.Tensor | None,
+                       negative_slope: float | None = None) -> torch.Tensor:
     """Stride-1 3x3x3 convolution with zero padding 1, x (B, C, D, H, W): Winograd F(4x4, 3x3) over H and W, the
     three depth taps summed in the Winograd domain (``transformed_weight`` from ``winograd_weight``, 5-D kernel)."""
     b, _, d, h, w = x.shape
@@ -252,27 +311,28 @@ def winograd_conv3x3x3(x: torch.Tensor, transformed_weight: torch.Tensor, bias: 
     th, tw = -(-h // 4), -(-w // 4)
     out = x.new_empty(b, c_out, d, 4 * th, 4 * tw)
     for n in range(b):
-        _winograd_volume(x[n], transformed_weight, bias, out[n])
+        _winograd_volume(x[n], transformed_weight, bias, out[n], negative_slope)
     return out if (4 * th, 4 * tw) == (h, w) else out[..., :h, :w].contiguous()
 
 
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                low_precision_out: bool = False) -> torch.Tensor:
-    """Stride-1 convolution with 'same' zero padding (odd square kernel).
+                low_precision_out: bool = False, negative_slope: float | None = None) -> torch.Tensor:
+    """Stride-1 convolution with 'same' zero padding (odd square kernel), then ``leaky_relu(., negative_slope)``
+    unless None (0: ReLU; on the Winograd path applied while each band is in cache).
 
     On CPU in float32 (no autograd) 3x3 kernels with at least WINOGRAD_MIN_OUT_CHANNELS outputs go through our
     Winograd F(4x4, 3x3) (about 2x faster than the direct convolution and within ~1e-5 relative of it per layer);
     elsewhere plain ``F.conv2d``. ``low_precision_out``: see ``convolve``.
     """
     k = weight.shape[-1]
-    if (k == 3 and weight.shape[0] >= WINOGRAD_MIN_OUT_CHANNELS and _winograd_applies(x, weight)):
-        return winograd_conv3x3(x, _cached_on(weight, "_winograd_copy", winograd_weight), bias)
-    return convolve(x, weight, bias, padding=k // 2, low_precision_out=low_precision_out)
+    if (k == 3 and weight.shape[0] >= WINOGRAD_MIN_OUT_CHANNELS and _winograd_applies(x, weight, 16)):
+        return winograd_conv3x3(x, _cached_on(weight, "_winograd_copy", winograd_weight), bias, negative_slope)
+    return _activate_(convolve(x, weight, bias, padding=k // 2, low_precision_out=low_precision_out), negative_slope)
 
 
-def _winograd_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _winograd_applies(x: torch.Tensor, weight: torch.Tensor, min_size: int) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.shape[-1] >= 16 and x.shape[-2] >= 16 and not torch.is_grad_enabled()
+            and x.shape[-1] >= min_size and x.shape[-2] >= min_size and not torch.is_grad_enabled()
             and _FAST_PATHS.get() and _low_precision(x) is None)
 
 
@@ -283,10 +343,11 @@ NNPACK_3D_MIN_CHANNELS = 64
 
 
 def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stacked_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Stride-1 3-D convolution with 'same' zero padding (odd cubic kernel), x (B, C, D, H, W).
+                stacked_weight: torch.Tensor | None = None, negative_slope: float | None = None) -> torch.Tensor:
+    """Stride-1 3-D convolution with 'same' zero padding (odd cubic kernel), x (B, C, D, H, W), then
+    ``leaky_relu(., negative_slope)`` unless None (0: ReLU).
 
-    Fast paths (CPU float32, no autograd): 3x3x3 kernels on maps at least 16 wide through our Winograd
+    Fast paths (CPU float32, no autograd): 3x3x3 kernels on maps at least 4 wide through our Winograd
     (``winograd_conv3x3x3``). Larger kernels on wide slices through NNPACK: the k depth taps of the kernel are
     stacked into k * C_out output channels of one 2-D kernel, each input depth slice is convolved once by NNPACK
     (FFT for kernels larger than 3) and its k outputs are added to the output slices they belong to.
@@ -294,12 +355,12 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     k = weight.shape[-1]
     b, _, d, h, w = x.shape
-    if k == 3 and _winograd_applies(x, weight):
-        return winograd_conv3x3x3(x, _cached_on(weight, "_winograd_copy", winograd_weight), bias)
+    if k == 3 and _winograd_applies(x, weight, WINOGRAD_3D_MIN_SIZE):
+        return winograd_conv3x3x3(x, _cached_on(weight, "_winograd_copy", winograd_weight), bias, negative_slope)
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and h >= NNPACK_3D_MIN_SIZE
             and w >= NNPACK_3D_MIN_SIZE and x.shape[1] >= NNPACK_3D_MIN_CHANNELS and not torch.is_grad_enabled()
             and _FAST_PATHS.get() and _nnpack_ready() and _low_precision(x) is None):
-        return convolve(x, weight, bias, padding=k // 2)
+        return _activate_(convolve(x, weight, bias, padding=k // 2), negative_slope)
     c_out, pad = weight.shape[0], k // 2
     if stacked_weight is None:
         stacked_weight = stack_depth_taps(weight)
@@ -315,7 +376,7 @@ def conv3d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             first, last = max(0, pad - (d - 1 - z)), min(k - 1, z + pad)
             for kd in range(first, last + 1):
                 out[n, :, z - kd + pad] += taps[kd]
-    return out
+    return _activate_(out, negative_slope)
 
 
 def stack_depth_taps(weight: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,9 @@ class SPADEDecoder(nn.Module):
         maps: list[dict[str, torch.Tensor]] = [{} for _ in self.stages()]
         for scale, (parts, conv) in merged.items():
             # (B, sum(channels), sH, sW); reduced precision: left in that type (only convolutions read them)
-            hidden = F.relu(conv2d_same(segmap, *conv, low_precision_out=True) if scale == 1
-                            else conv(segmap, low_precision_out=True))
+            # (ReLU in place: a fresh map of this size would cost as much again in page faults)
+            hidden = (conv2d_same(segmap, *conv, low_precision_out=True, negative_slope=0.0) if scale == 1
+                      else F.relu_(conv(segmap, low_precision_out=True)))
             start = 0
             for index, name, channels in parts:
                 maps[index][name] = hidden[:, start:start + channels]

@@ -4,7 +4,10 @@ Tiny seeded networks keep these fast; faithfulness to the official networks is c
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import platform
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,9 @@ import torch.nn.functional as F
 from sadtalker.facerender import (FaceRenderer, batch_layout, camera_pose_sequence, driving_coefficients,
                                   frame_to_uint8, gen_camera_pose, prepare_render_inputs, semantic_window)
 from sadtalker.keypoints import degrees_from_bins, rotation_matrix, transform_keypoints
+from sadtalker.cpu_memory import keep_freed_memory
 from sadtalker.models import fast_conv
+from sadtalker.models.blocks import DownBlock2d, DownBlock3d, SameBlock2d, UpBlock3d
 from sadtalker.models.fast_conv import UpsampledConv3x3, conv2d_same, conv3d_same, reference_computation
 from sadtalker.models.generator import OcclusionAwareSPADEGenerator
 from sadtalker.models.head_pose_estimator import HeadPoseEstimator
@@ -104,6 +109,7 @@ def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(sha
     # (B, C_in, C_out, H, W): several bands of tile rows, sizes that are not whole tiles, a batch
     b, c_in, c_out, h, w = shape
     monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
     g = torch.Generator().manual_seed(h)
     x = torch.randn(b, c_in, h, w, generator=g)
     weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
@@ -116,11 +122,33 @@ def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(sha
     assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 24, 6, 40, 36), (2, 8, 16, 3, 17, 16)])
+@pytest.mark.parametrize("shape", [(1, 8, 24, 64, 72), (2, 8, 16, 58, 38)])
+def test_winograd_convolution_of_a_channels_last_slice_is_within_float32_rounding_of_float64(shape, monkeypatch):
+    # the SPADE hidden maps: a channel slice of a channels-last map, read in place (channels innermost)
+    b, c_in, c_out, h, w = shape
+    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
+    g = torch.Generator().manual_seed(w)
+    wide = torch.randn(b, 3 * c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    x = wide[:, c_in:2 * c_in]
+    assert x.stride(1) == 1 and not x.is_contiguous()
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
+    bias = torch.randn(c_out, generator=g)
+    with torch.inference_mode():
+        ours = conv2d_same(x, weight, bias, negative_slope=0.2)
+    expected = F.leaky_relu(F.conv2d(x.double(), weight.double(), bias.double(), padding=1), 0.2)
+    assert ours.shape == expected.shape and ours.is_contiguous()
+    assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 24, 6, 40, 36), (2, 8, 16, 3, 17, 16), (1, 32, 48, 5, 4, 4),
+                                   (1, 24, 16, 4, 8, 6)])
 def test_winograd_3d_convolution_is_within_float32_rounding_of_float64(shape, monkeypatch):
-    # (B, C_in, C_out, D, H, W): the depth taps summed in the Winograd domain, zero-padded depth ends, bands
+    # (B, C_in, C_out, D, H, W): the depth taps summed in the Winograd domain, zero-padded depth ends, bands,
+    # maps of one tile and of a part tile (the hourglass's innermost levels)
     b, c_in, c_out, d, h, w = shape
     monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
     g = torch.Generator().manual_seed(d)
     x = torch.randn(b, c_in, d, h, w, generator=g)
     weight = torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5
@@ -130,6 +158,38 @@ def test_winograd_3d_convolution_is_within_float32_rounding_of_float64(shape, mo
     expected = F.conv3d(x.double(), weight.double(), bias.double(), padding=1)
     assert ours.shape == expected.shape and ours.is_contiguous()
     assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: DownBlock3d(12, 20), (1, 12, 3, 16, 20)),
+    (lambda: UpBlock3d(24, 16), (2, 24, 2, 4, 6)),
+    (lambda: SameBlock2d(8, 24, lrelu=True), (2, 8, 20, 16)),
+    (lambda: SameBlock2d(8, 24), (1, 8, 20, 16)),
+    (lambda: DownBlock2d(6, 16), (1, 6, 24, 16)),
+])
+def test_batch_norm_folded_into_the_conv_with_fused_activation_matches_float64(build, shape):
+    block = build().eval()
+    g = torch.Generator().manual_seed(len(shape) * shape[1])
+    with torch.no_grad():  # running statistics and affine parameters far from the identity
+        block.norm.running_mean.copy_(torch.randn(block.norm.num_features, generator=g))
+        block.norm.running_var.copy_(torch.rand(block.norm.num_features, generator=g) * 3 + 0.05)
+        block.norm.weight.copy_(torch.randn(block.norm.num_features, generator=g))
+        block.norm.bias.copy_(torch.randn(block.norm.num_features, generator=g))
+    x = torch.randn(*shape, generator=g)
+    with torch.inference_mode():
+        ours = block(x)
+        with reference_computation():
+            expected = copy.deepcopy(block).double()(x.double())
+    assert ours.shape == expected.shape and ours.dtype == torch.float32
+    assert (ours - expected).abs().max() <= 2e-5 * expected.abs().max()
+    leaky = isinstance(block, SameBlock2d) and block.lrelu
+    assert bool((ours < 0).any()) == leaky and bool((ours == 0).any()) != leaky  # ReLU / LeakyReLU applied
+
+
+def test_keep_freed_memory_takes_effect_with_glibc():
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory()
 
 
 def test_channels_last_instance_norm_matches_and_keeps_the_layout():
