@@ -439,6 +439,7 @@ class _Player:
         self.pcm: np.ndarray | None = None
         self.reader: Mp4Reader | None = None
         self.sent_through = -1  # the last clip frame of the current playback sent (frames go out ahead)
+        self.provisional: set[int] = set()  # clip frames sent ahead as preview while the final ones were not there
 
     def run(self) -> None:
         job, clock = self.job, self.job.clock
@@ -470,11 +471,18 @@ class _Player:
 
     def _play_ahead(self, show: Show, known: Known, motion: MotionReady | None, latest: Frame | None) -> None:
         """The clip's frames from the playhead up to FRAME_LEAD_S ahead that are not sent yet, each decided as at
-        its own time with what is known now."""
+        its own time with what is known now. A preview frame sent ahead is sent again, final, when its time comes if
+        the final one is there by then (a viewer plays ~0.1 s behind: it gets the final one in time)."""
+        current = show.index
+        if current in self.provisional and show.source != "preview":
+            self._show(show, motion, latest)
+        self.provisional = {index for index in self.provisional if index > current}
         last = min(known.num_frames - 1, playhead(self.state, known.now + FRAME_LEAD_S))
-        for index in range(max(show.index, self.sent_through + 1), last + 1):
-            if index != show.index:
+        for index in range(max(current, self.sent_through + 1), last + 1):
+            if index != current:
                 show, self.state = decide(dataclasses.replace(known, now=frame_time(self.state, index)), self.state)
+                if show.source == "preview":
+                    self.provisional.add(index)
             self._show(show, motion, latest)
             self.sent_through = index
 
@@ -494,7 +502,7 @@ class _Player:
             if self.pcm is None:
                 self.pcm = to_pcm16(motion.audio)
             self.feed = SpeechFeed(self.pcm, state.play_start)
-            self.sent_through = -1
+            self.sent_through, self.provisional = -1, set()
             self._close_reader()
             if state.phase == "replay":
                 self._open_reader(0)  # ffmpeg starts decoding now, so frame 0 is at hand when its time comes

@@ -88,7 +88,14 @@ class Recorder:
         raise AssertionError(f"no matching message; got types {[m['type'] for m in self.messages][-20:]}")
 
     def frames(self):
-        return [m for m in self.messages if m["type"] == "frame"]
+        """The frames as a viewer shows them: a later frame for the same moment (the final one for a preview sent
+        ahead) replaces the earlier one."""
+        shown: dict[float, dict] = {}
+        for m in self.messages:
+            if m["type"] == "frame":
+                shown.pop(round(m["t"], 3), None)
+                shown[round(m["t"], 3)] = m
+        return sorted(shown.values(), key=lambda m: (m["t"], m["seq"]))
 
     def close(self):
         self._stack.close()
