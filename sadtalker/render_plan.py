@@ -22,7 +22,9 @@ import torch
 from .facerender import FaceRenderer, RenderInputs
 
 MAX_WORKERS = 4
-FRAME_MEMORY_256 = 0.7 * 2 ** 30  # bytes a 256x256 frame in flight holds on a CPU (measured: bench/sadtalker_live.py)
+# Bytes one 256x256 frame in flight holds on a CPU, the freed memory the renderer keeps included (cpu_memory): the
+# peak resident size grew by ~1.8 GB per render worker without it, ~2.25 GB with it (2 workers vs 1, 20 frames).
+FRAME_MEMORY_256 = 2.3 * 2 ** 30
 CPU_CALIBRATION_SIZE = 128
 MAX_FRAMES_PER_CALL = 32
 MIN_GAIN = 1.05  # a larger candidate must be this much faster to be chosen
