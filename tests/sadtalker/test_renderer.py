@@ -104,16 +104,25 @@ def test_fast_3d_convolution_matches_plain_convolution(kernel):
     assert (fast - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+def small_bands(monkeypatch) -> None:
+    """Winograd bands of ~200 kB with no least size: a test map spans several bands."""
+    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
+
+
+def conv_parameters(g: torch.Generator, c_in: int, c_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3x3 convolution's weight (unit output variance) and bias."""
+    return torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5, torch.randn(c_out, generator=g)
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 24, 64, 72), (2, 8, 16, 58, 38)])
 def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(shape, monkeypatch):
     # (B, C_in, C_out, H, W): several bands of tile rows, sizes that are not whole tiles, a batch
     b, c_in, c_out, h, w = shape
-    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
-    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
+    small_bands(monkeypatch)
     g = torch.Generator().manual_seed(h)
     x = torch.randn(b, c_in, h, w, generator=g)
-    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
-    bias = torch.randn(c_out, generator=g)
+    weight, bias = conv_parameters(g, c_in, c_out)
     assert 36 * 4 * max(c_in, c_out) * b * -(-h // 4) * -(-w // 4) > 2 * 200_000  # more than two bands
     with torch.inference_mode():
         ours = conv2d_same(x, weight, bias)
@@ -126,14 +135,12 @@ def test_winograd_convolution_in_bands_is_within_float32_rounding_of_float64(sha
 def test_winograd_convolution_of_a_channels_last_slice_is_within_float32_rounding_of_float64(shape, monkeypatch):
     # the SPADE hidden maps: a channel slice of a channels-last map, read in place (channels innermost)
     b, c_in, c_out, h, w = shape
-    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
-    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
+    small_bands(monkeypatch)
     g = torch.Generator().manual_seed(w)
     wide = torch.randn(b, 3 * c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
     x = wide[:, c_in:2 * c_in]
     assert x.stride(1) == 1 and not x.is_contiguous()
-    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
-    bias = torch.randn(c_out, generator=g)
+    weight, bias = conv_parameters(g, c_in, c_out)
     with torch.inference_mode():
         ours = conv2d_same(x, weight, bias, negative_slope=0.2)
     expected = F.leaky_relu(F.conv2d(x.double(), weight.double(), bias.double(), padding=1), 0.2)
@@ -147,8 +154,7 @@ def test_winograd_3d_convolution_is_within_float32_rounding_of_float64(shape, mo
     # (B, C_in, C_out, D, H, W): the depth taps summed in the Winograd domain, zero-padded depth ends, bands,
     # maps of one tile and of a part tile (the hourglass's innermost levels)
     b, c_in, c_out, d, h, w = shape
-    monkeypatch.setattr(fast_conv, "WINOGRAD_BAND_BYTES", 200_000)
-    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_BAND_TILES", 1)
+    small_bands(monkeypatch)
     g = torch.Generator().manual_seed(d)
     x = torch.randn(b, c_in, d, h, w, generator=g)
     weight = torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5
