@@ -144,10 +144,14 @@ def latency_and_lip_sync(manager, broadcaster, folder: str, engine: str = "lite"
     print(f"   {engine} session created in {time.monotonic() - started:.1f} s; renderer: "
           f"{session.describe()['renderer']} ({session.describe()['renderer_note']})", flush=True)
     viewers = Viewers(broadcaster.url, [session.id])
+    # The feed is prepared (and the API's decoder imported: ~0.7 s holding the GIL) before the wait, not while the
+    # session makes its frames: that once made the session's render-ahead, and so the latency, 1-2 ticks longer.
+    chunks = l16_chunks(tiled_speech(seconds))
+    from web.sessions import decode_speech  # noqa: F401
     time.sleep(1.5)
     arrivals: list[float] = []
     before = (session.stats.frames_sent, session.stats.late_frames, session.stats.skipped_ticks)
-    feed_real_time(session, l16_chunks(tiled_speech(seconds)), arrivals)
+    feed_real_time(session, chunks, arrivals)
     wait_idle(session)
     time.sleep(1.0)
     viewers.close()

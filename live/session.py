@@ -57,11 +57,14 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0 / FPS
 AHEAD_S = 0.4  # speech is scheduled (and its sound sent) at most this far ahead of the clock
-# Speech that arrives while nothing plays starts this many ticks after now: the cushion that lets the next chunk
-# arrive late by up to ~120 ms (200 ms chunks at real time) without an underrun. Every underrun widens the cushion
-# of that session by a tick, up to MAX_LEAD_TICKS (a jitter buffer that adapts to the feed).
-START_LEAD_TICKS = 4
+# Speech that arrives while nothing plays starts this many ticks after the tick being made: the cushion that lets
+# the next chunk of a feed at real time come 80-120 ms late without an underrun (a chunk's last frame needs 12 ms of
+# the next chunk's sound, and is made the render-ahead before its time). The latency from a chunk to its first frame
+# is then (cushion + render-ahead) ticks, up to one tick more: 160-200 ms on a quiet CPU. Every underrun widens the
+# cushion of that session by a tick, up to MAX_LEAD_TICKS (a jitter buffer that adapts to the feed).
+START_LEAD_TICKS = 3
 MAX_LEAD_TICKS = 10
+LEAD_RELAX_S = 30.0  # a cushion widened by underruns narrows again by a tick after this long without one
 PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
 RENDER_MARGIN_S = 0.010  # the lead covers the recent frames' time to make plus this
@@ -357,8 +360,9 @@ class Session:
         self._scheduled: dict[int, SpeechFrame] = {}  # tick -> the speech frame it shows
         self._when_shown: dict[int, list] = {}  # tick -> callbacks of utterances whose last frame it shows
         self._when_shown_lock = threading.Lock()
-        self._next_speech_tick = 0
+        self._next_speech_tick = -1  # the tick after the last speech frame scheduled (none yet)
         self._lead_ticks = START_LEAD_TICKS
+        self._lead_changed = time.monotonic()  # when the cushion last widened or narrowed
         self._made_speaking = False  # the last frame made shows speech (the maker's view)
         self._speaking = False  # the frame of the tick now shows speech (what viewers see now)
         self._make_times: deque[float] = deque(maxlen=RECENT_MAKES)
@@ -487,6 +491,10 @@ class Session:
         if not speaking and self._made_speaking and self.speech.pending():
             self.stats.underruns += 1
             self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
+            self._lead_changed = time.monotonic()
+        elif self._lead_ticks > START_LEAD_TICKS and time.monotonic() - self._lead_changed > LEAD_RELAX_S:
+            self._lead_ticks -= 1  # the feed has kept up for a while: give back a tick of latency
+            self._lead_changed = time.monotonic()
         self._made_speaking = speaking
         started = time.perf_counter()
         rgb = self._face.frame(t, speech)
@@ -499,29 +507,31 @@ class Session:
     def _schedule_speech(self, tick: int) -> None:
         """Give the next free ticks (up to AHEAD_S ahead) to the speech that is ready; send its sound now."""
         horizon = tick + int(round(AHEAD_S / TICK_S))
-        if self._next_speech_tick < tick:  # nothing was scheduled up to now (idle, pause or underrun)
-            # the cushion counts from the tick being made: the next chunk must arrive before that tick's frame is
-            # made, and a frame is made up to a few ticks ahead when the CPU is busy (so latency grows with load)
-            self._next_speech_tick = tick + self._lead_ticks
+        # Speech goes on where the scheduled speech ends; if that is past (idle, a pause, an underrun), it starts
+        # the cushion after the tick being made: the next chunk must arrive before that tick's frame is made, and
+        # a frame is made up to a few ticks ahead when the CPU is busy (so latency grows with load). The cushion is
+        # counted afresh at every tick while nothing is scheduled, so it is the same whenever speech arrives.
+        next_tick = self._next_speech_tick if self._next_speech_tick >= tick else tick + self._lead_ticks
         piece: list[np.ndarray] = []
-        piece_start = self._next_speech_tick
-        while self._next_speech_tick <= horizon:
+        piece_start = next_tick
+        while next_tick <= horizon:
             speech, spoken = self.speech.take()
             if spoken:  # acknowledged when the utterance's last frame (given to a tick already) is shown
-                last = self._next_speech_tick - 1 if speech is None else self._next_speech_tick
+                last = self._next_speech_tick - 1 if speech is None else next_tick
                 with self._when_shown_lock:
                     self._when_shown.setdefault(max(tick, last), []).extend(spoken)
             if speech is None:
                 break
             if speech.index == 0:
                 self.stats.utterances += 1
-            self._scheduled[self._next_speech_tick] = speech
+            self._scheduled[next_tick] = speech
             self._face.scheduled(speech)
             piece.append(speech.pcm)
-            self._next_speech_tick += 1
+            next_tick += 1
+            self._next_speech_tick = next_tick
             if len(piece) == PIECE_TICKS:
                 self._send_sound(piece_start, piece)
-                piece, piece_start = [], self._next_speech_tick
+                piece, piece_start = [], next_tick
         if piece:
             self._send_sound(piece_start, piece)
 

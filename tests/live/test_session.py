@@ -166,6 +166,40 @@ def test_idle_to_speech_to_idle_has_no_jump_and_an_underrun_closes_the_mouth(ser
         assert max(change[i - 2:i + 2]) <= typical * 1.5, (i, change[i - 2:i + 2], typical)
 
 
+def test_speech_starts_the_same_cushion_after_the_tick_being_made_whenever_it_arrives():
+    """The first frame of an utterance is START_LEAD_TICKS after the tick being made when its speech came, whatever
+    the idle ticks before it (the cushion was once left over from an earlier tick, so it ran from 4 ticks down to 0
+    during idle: the latency of an utterance varied by 160 ms, and a short cushion made its start underrun)."""
+    from core.image import load_image
+    from core.landmarks import shared_detector
+    from live.session import LEAD_RELAX_S, START_LEAD_TICKS, LiteFace, Session
+
+    rgb = load_image(str(EXAMPLE_IMAGE))
+    options = SessionOptions(engine="lite", size=128, seed=1, record=False)
+    session = Session("cushion", LiteFace(rgb, shared_detector().detect(rgb).points, options), options, None, None)
+    samples, _ = speech_chunks()
+    tick = 0
+    for idle_ticks in (0, 1, 2, 3, 4, 5, 7):  # speech arrives at every phase of the idle ticks
+        for _ in range(idle_ticks):
+            session._make(tick)
+            tick += 1
+        session.speak(samples[:3200], final=True)  # 200 ms: five frames
+        session._make(tick)
+        shown = sorted(session._scheduled)
+        assert shown == list(range(tick + START_LEAD_TICKS, tick + START_LEAD_TICKS + 5)), (idle_ticks, tick, shown)
+        while session._scheduled:  # spoken to its end
+            tick += 1
+            session._make(tick)
+        tick += 1
+    # a cushion widened by underruns narrows again, a tick at a time, once the feed has kept up for a while
+    session._lead_ticks, session._lead_changed = START_LEAD_TICKS + 2, time.monotonic() - LEAD_RELAX_S - 1
+    session._make(tick)
+    assert session._lead_ticks == START_LEAD_TICKS + 1
+    session._make(tick + 1)
+    assert session._lead_ticks == START_LEAD_TICKS + 1  # not again before another LEAD_RELAX_S
+    session.close()
+
+
 def test_bad_chunks_are_refused_and_the_session_keeps_running(server):
     session = server.create({"size": 256})["session"]
     before = server.http.get(f"/api/sessions/{session}").json()["frames_sent"]
