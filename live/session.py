@@ -69,6 +69,8 @@ PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
 RENDER_MARGIN_S = 0.010  # the lead covers the recent frames' time to make plus this
 RECENT_MAKES = FPS  # frames the lead looks back on (a second: a slow start-up is soon forgotten)
+STALL_S = 0.010  # a frame begun before its time that comes this much after it was stalled (see Session._pace)
+AHEAD_RELAX_S = 10.0  # the render-ahead raised by a late frame comes down by a tick after this long without one
 MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
 
 SessionState = Literal["idle", "speaking", "closed"]
@@ -367,6 +369,8 @@ class Session:
         self._speaking = False  # the frame of the tick now shows speech (what viewers see now)
         self._make_times: deque[float] = deque(maxlen=RECENT_MAKES)
         self._render_ahead_ticks = face.render_ahead_ticks[0]
+        self._ahead_floor = face.render_ahead_ticks[0]  # raised for a while after a frame came late (see _pace)
+        self._ahead_floor_changed = time.monotonic()
         self._due: queue.SimpleQueue = queue.SimpleQueue()  # (tick, speaking or None) for the state thread
         self._seq = 0
         self._thread = threading.Thread(target=self._run, name=f"session-{session_id}", daemon=True)
@@ -441,9 +445,9 @@ class Session:
                 if behind >= 1:  # a whole frame behind (a busy CPU): skip ticks rather than burst to catch up
                     self._skip(tick, behind)
                     tick += behind
-                started = time.perf_counter()
+                started = time.monotonic()
                 self._make(tick)
-                self._pace(time.perf_counter() - started)
+                self._pace(tick, started, time.monotonic())
                 tick += 1
         except Exception:
             log.exception("session %s: the live stream failed", self.id)
@@ -451,14 +455,25 @@ class Session:
         finally:
             self._due.put(None)
 
-    def _pace(self, make_s: float) -> None:
+    def _pace(self, tick: int, started: float, ended: float) -> None:
         """How far ahead the next frames are made: the recent frames' time to make (the slowest but one: a lone
-        hiccup of a quiet CPU does not add a tick of latency) plus a margin, in whole ticks."""
+        hiccup of a quiet CPU does not add a tick of latency) plus a margin, in whole ticks — and a tick more, for
+        a while, each time a frame begun before its time came more than STALL_S after it: a CPU shared by several
+        sessions stalls a thread in bursts, which the recent times foretell too late. (A frame begun after its
+        time, one after a stall, and the session's first second, its start-up, say nothing new.)"""
+        make_s = ended - started
         self._make_times.append(make_s)
         slow = sorted(self._make_times)[-2] if len(self._make_times) > 1 else make_s
         needed = math.ceil((slow + RENDER_MARGIN_S) / TICK_S)
         least, most = self._face.render_ahead_ticks
-        self._render_ahead_ticks = min(most, max(least, needed))
+        due = self.clock.monotonic(tick * TICK_S)
+        if tick >= FPS and started < due and ended > due + STALL_S:
+            self._ahead_floor = min(most, self._ahead_floor + 1)
+            self._ahead_floor_changed = ended
+        elif self._ahead_floor > least and ended - self._ahead_floor_changed > AHEAD_RELAX_S:
+            self._ahead_floor -= 1
+            self._ahead_floor_changed = ended
+        self._render_ahead_ticks = min(most, max(self._ahead_floor, needed))
 
     def _follow_clock(self) -> None:
         """At each tick's time: the state follows what is shown, finished utterances are told."""

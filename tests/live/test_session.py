@@ -200,6 +200,42 @@ def test_speech_starts_the_same_cushion_after_the_tick_being_made_whenever_it_ar
     session.close()
 
 
+def test_a_stalled_frame_makes_the_next_frames_earlier_for_a_while():
+    """A frame begun before its time that still comes after it (a thread stalled on a shared CPU) makes the session
+    render a tick further ahead; after AHEAD_RELAX_S without a stall it comes back a tick. A frame begun after its
+    time (behind already) and the first second (start-up) change nothing."""
+    from core.image import load_image
+    from core.landmarks import shared_detector
+    from live.session import AHEAD_RELAX_S, FPS, STALL_S, TICK_S, LiteFace, Session
+
+    rgb = load_image(str(EXAMPLE_IMAGE))
+    options = SessionOptions(engine="lite", size=128, seed=1, record=False)
+    session = Session("pace", LiteFace(rgb, shared_detector().detect(rgb).points, options), options, None, None)
+    least, most = session._face.render_ahead_ticks
+
+    def pace(tick: int, start_before_due: float, end_after_due: float) -> int:
+        due = session.clock.monotonic(tick * TICK_S)
+        session._pace(tick, due - start_before_due, due + end_after_due)
+        return session._render_ahead_ticks
+
+    # the frames take ~5-25 ms to make (not enough to raise the render-ahead by their time to make alone)
+    for tick in range(FPS, 2 * FPS):  # quick frames: the least
+        assert pace(tick, 0.010, -0.005) == least
+    assert pace(3, 0.005, 2 * STALL_S) == least  # start-up
+    assert pace(2 * FPS, -0.001, 2 * STALL_S) == least  # begun late: behind already
+    assert pace(2 * FPS + 1, 0.005, STALL_S / 2) == least  # a few milliseconds late: no stall
+    stalled = pace(2 * FPS + 2, 0.005, 2 * STALL_S)
+    assert stalled == least + 1
+    for tick in range(2 * FPS + 3, 4 * FPS):  # quick frames again: it stays
+        assert pace(tick, 0.010, -0.005) == stalled
+    session._ahead_floor_changed -= AHEAD_RELAX_S + 1  # long without a stall
+    assert pace(4 * FPS, 0.010, -0.005) == least
+    for tick in range(4 * FPS + 1, 4 * FPS + 10):  # stall after stall: up to the most
+        pace(tick, 0.005, 2 * STALL_S)
+    assert session._render_ahead_ticks == most
+    session.close()
+
+
 def test_bad_chunks_are_refused_and_the_session_keeps_running(server):
     session = server.create({"size": 256})["session"]
     before = server.http.get(f"/api/sessions/{session}").json()["frames_sent"]
