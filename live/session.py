@@ -10,8 +10,8 @@ lives. At each tick it
    after it (a bounded look-ahead), or none: idle, a pause between utterances, or an underrun (speech that did not
    arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
 3. renders the frame ahead of its time — by the face's ``render_ahead_ticks`` (min, max): from the least, up to
-   the most while frames take long to make (several sessions share the CPU; the lead follows the recent frames'
-   time to make) — and hands it at once, stamped with its time, with the tick's 640 samples of sound (silence when
+   the most while frames take long to make (several sessions share the CPU; the render-ahead follows the recent
+   frames' time to make, and rises for a while after a frame was stalled past its time) — and hands it at once, stamped with its time, with the tick's 640 samples of sound (silence when
    none), to the session's live stream and its recording. As with the sound, the outputs play it at its time: the
    viewer draws a frame when its speech reaches the frame's ``t``, the encoded outputs (WebRTC, HLS, RTMP) read the
    stream's timeline a fixed delay behind the clock. So a frame that took long to make is still on time.
@@ -67,8 +67,8 @@ MAX_LEAD_TICKS = 10
 LEAD_RELAX_S = 30.0  # a cushion widened by underruns narrows again by a tick after this long without one
 PIECE_TICKS = 5  # speech frames per audio message (200 ms)
 LATE_S = 0.040  # a frame sent later than this after its time counts as late
-RENDER_MARGIN_S = 0.010  # the lead covers the recent frames' time to make plus this
-RECENT_MAKES = FPS  # frames the lead looks back on (a second: a slow start-up is soon forgotten)
+RENDER_MARGIN_S = 0.010  # the render-ahead covers the recent frames' time to make plus this
+RECENT_MAKES = FPS  # frames the render-ahead looks back on (a second: a slow start-up is soon forgotten)
 STALL_S = 0.010  # a frame begun before its time that comes this much after it was stalled (see Session._pace)
 AHEAD_RELAX_S = 10.0  # the render-ahead raised by a late frame comes down by a tick after this long without one
 MAX_QUEUED_SPEECH_S = 600.0  # speech waiting to be spoken, at most (a longer backlog is refused)
