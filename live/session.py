@@ -61,7 +61,8 @@ AHEAD_S = 0.4  # speech is scheduled (and its sound sent) at most this far ahead
 # the next chunk of a feed at real time come 80-120 ms late without an underrun (a chunk's last frame needs 12 ms of
 # the next chunk's sound, and is made the render-ahead before its time). The latency from a chunk to its first frame
 # is then (cushion + render-ahead) ticks, up to one tick more: 160-200 ms on a quiet CPU. Every underrun widens the
-# cushion of that session by a tick, up to MAX_LEAD_TICKS (a jitter buffer that adapts to the feed).
+# cushion of that session by a tick, up to MAX_LEAD_TICKS (a jitter buffer that adapts to the feed). A face that
+# shows a frame only once some speech after it has come (its ``lookahead_frames``) starts that many ticks later.
 START_LEAD_TICKS = 3
 MAX_LEAD_TICKS = 10
 LEAD_RELAX_S = 30.0  # a cushion widened by underruns narrows again by a tick after this long without one
@@ -363,7 +364,8 @@ class Session:
         self._when_shown: dict[int, list] = {}  # tick -> callbacks of utterances whose last frame it shows
         self._when_shown_lock = threading.Lock()
         self._next_speech_tick = -1  # the tick after the last speech frame scheduled (none yet)
-        self._lead_ticks = START_LEAD_TICKS
+        self._least_lead = START_LEAD_TICKS + face.lookahead_frames  # SadTalker's mel windows look 3 frames ahead
+        self._lead_ticks = self._least_lead
         self._lead_changed = time.monotonic()  # when the cushion last widened or narrowed
         self._made_speaking = False  # the last frame made shows speech (the maker's view)
         self._speaking = False  # the frame of the tick now shows speech (what viewers see now)
@@ -505,9 +507,9 @@ class Session:
         speaking = speech is not None
         if not speaking and self._made_speaking and self.speech.pending():
             self.stats.underruns += 1
-            self._lead_ticks = min(MAX_LEAD_TICKS, self._lead_ticks + 1)
+            self._lead_ticks = min(MAX_LEAD_TICKS + self._least_lead - START_LEAD_TICKS, self._lead_ticks + 1)
             self._lead_changed = time.monotonic()
-        elif self._lead_ticks > START_LEAD_TICKS and time.monotonic() - self._lead_changed > LEAD_RELAX_S:
+        elif self._lead_ticks > self._least_lead and time.monotonic() - self._lead_changed > LEAD_RELAX_S:
             self._lead_ticks -= 1  # the feed has kept up for a while: give back a tick of latency
             self._lead_changed = time.monotonic()
         self._made_speaking = speaking

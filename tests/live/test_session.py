@@ -199,6 +199,18 @@ def test_speech_starts_the_same_cushion_after_the_tick_being_made_whenever_it_ar
     assert session._lead_ticks == START_LEAD_TICKS + 1  # not again before another LEAD_RELAX_S
     session.close()
 
+    # A face that shows a frame only once speech after it has come (SadTalker's mel windows: 3 frames) starts that
+    # much later: its first frames wait for the look-ahead anyway, and a shorter cushion made its start underrun.
+    face = LiteFace(rgb, shared_detector().detect(rgb).points, options)
+    face.lookahead_frames = 3
+    session = Session("look-ahead", face, options, None, None)
+    session._make(0)
+    session.speak(samples[:6400], final=False)  # 400 ms, more to come: its last 3 frames wait for the look-ahead
+    session._make(1)
+    shown = sorted(session._scheduled)
+    assert shown[0] == 1 + START_LEAD_TICKS + 3 and len(shown) < 10, shown
+    session.close()
+
 
 def test_a_stalled_frame_makes_the_next_frames_earlier_for_a_while():
     """A frame begun before its time that still comes after it (a thread stalled on a shared CPU) makes the session
