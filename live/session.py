@@ -11,8 +11,9 @@ lives. At each tick it
    arrive in time: the mouth closes and the face carries on, and resumes without a jump when speech comes);
 3. renders the frame ahead of its time — by the face's ``render_ahead_ticks`` (min, max): from the least, up to
    the most while frames take long to make (several sessions share the CPU; the render-ahead follows the recent
-   frames' time to make, and rises for a while after a frame was stalled past its time) — and hands it at once, stamped with its time, with the tick's 640 samples of sound (silence when
-   none), to the session's live stream and its recording. As with the sound, the outputs play it at its time: the
+   frames' time to make, and rises for a while after a frame was stalled past its time) — and hands it at once,
+   stamped with its time, with the tick's 640 samples of sound (silence when none), to the session's live stream
+   and its recording. As with the sound, the outputs play it at its time: the
    viewer draws a frame when its speech reaches the frame's ``t``, the encoded outputs (WebRTC, HLS, RTMP) read the
    stream's timeline a fixed delay behind the clock. So a frame that took long to make is still on time.
 
@@ -364,8 +365,9 @@ class Session:
         self._when_shown: dict[int, list] = {}  # tick -> callbacks of utterances whose last frame it shows
         self._when_shown_lock = threading.Lock()
         self._next_speech_tick = -1  # the tick after the last speech frame scheduled (none yet)
-        self._least_lead = START_LEAD_TICKS + face.lookahead_frames  # SadTalker's mel windows look 3 frames ahead
-        self._lead_ticks = self._least_lead
+        # the cushion's least and most, in ticks: a face's look-ahead on top (SadTalker's mel windows: 3 frames)
+        self._lead_range = (START_LEAD_TICKS + face.lookahead_frames, MAX_LEAD_TICKS + face.lookahead_frames)
+        self._lead_ticks = self._lead_range[0]
         self._lead_changed = time.monotonic()  # when the cushion last widened or narrowed
         self._made_speaking = False  # the last frame made shows speech (the maker's view)
         self._speaking = False  # the frame of the tick now shows speech (what viewers see now)
@@ -505,13 +507,14 @@ class Session:
         self._schedule_speech(tick)
         speech = self._scheduled.pop(tick, None)
         speaking = speech is not None
+        now = time.monotonic()
         if not speaking and self._made_speaking and self.speech.pending():
             self.stats.underruns += 1
-            self._lead_ticks = min(MAX_LEAD_TICKS + self._least_lead - START_LEAD_TICKS, self._lead_ticks + 1)
-            self._lead_changed = time.monotonic()
-        elif self._lead_ticks > self._least_lead and time.monotonic() - self._lead_changed > LEAD_RELAX_S:
+            self._lead_ticks = min(self._lead_range[1], self._lead_ticks + 1)
+            self._lead_changed = now
+        elif self._lead_ticks > self._lead_range[0] and now - self._lead_changed > LEAD_RELAX_S:
             self._lead_ticks -= 1  # the feed has kept up for a while: give back a tick of latency
-            self._lead_changed = time.monotonic()
+            self._lead_changed = now
         self._made_speaking = speaking
         started = time.perf_counter()
         rgb = self._face.frame(t, speech)
